@@ -1,0 +1,33 @@
+"""Start the ranks of a validated recipe on this node with torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from sparsedist.config import Recipe
+
+
+def torchrun_command(recipe: Recipe, recipe_path: str, overrides: list[str]) -> list[str]:
+    """`torchrun --standalone` with one process per rank, each running `sparsedist train`."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone", f"--nproc-per-node={recipe.parallel.nproc_per_node}",
+        "-m", "sparsedist", "train", recipe_path, *overrides,
+    ]
+
+
+def rank_environment(recipe: Recipe) -> dict[str, str]:
+    """The launch environment: CPU threads split between the node's ranks unless already set."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // recipe.parallel.nproc_per_node)))
+    return env
+
+
+def launch(recipe: Recipe, recipe_path: str, overrides: list[str]) -> int:
+    """Run the recipe's ranks to completion; returns torchrun's exit status."""
+    if recipe.parallel.nnodes > 1:
+        print("sparsedist launch: starts one node; parallel.nnodes must be 1", file=sys.stderr)
+        return 2
+    return subprocess.run(torchrun_command(recipe, recipe_path, overrides), env=rank_environment(recipe)).returncode

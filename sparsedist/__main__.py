@@ -1,0 +1,7 @@
+"""`python -m sparsedist` is the `sparsedist` command."""
+
+import sys
+
+from sparsedist.cli import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""Checks of a recipe against the model it describes, without weights, data or processes."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsedist.config.load import RecipeError
+from sparsedist.config.schema import Recipe
+from sparsedist.models import FAMILIES, ModelConfigError, model_config
+from sparsedist.models.families import conv1d_to_linear
+from sparsedist.sparsity.methods.base import target_linears
+
+
+def check_recipe(recipe: Recipe) -> dict[str, int]:
+    """Build the model on the meta device and check it against the data and sparsity sections.
+
+    Returns a summary (parameters, sparse parameters, tokens per step, total tokens).
+    Raises RecipeError naming the key at fault.
+    """
+    family = FAMILIES[recipe.model.family]
+    try:
+        config = model_config(recipe.model, recipe.data.vocab_size, recipe.data.seq_len, eos_id=0)
+        with torch.device("meta"):
+            model = family.model_class(config)
+        if family.conv1d:
+            conv1d_to_linear(model)
+        sparse = target_linears(model, family, recipe.sparsity) if recipe.sparsity.method != "dense" else []
+    except (ModelConfigError, ValueError) as err:
+        raise RecipeError(str(err)) from None
+    tokens_per_step = recipe.train.global_batch * recipe.data.seq_len
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "sparse_params": sum(linear.weight.numel() for _, linear in sparse),
+        "world_size": recipe.parallel.world_size,
+        "tokens_per_step": tokens_per_step,
+        "total_tokens": tokens_per_step * recipe.train.steps,
+    }

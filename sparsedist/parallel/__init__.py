@@ -1,0 +1,6 @@
+"""The parallel layer: process group, and the backends that shard a model (FSDP2, or none)."""
+
+from sparsedist.parallel.backend import FSDP2Backend, ParallelBackend, make_backend
+from sparsedist.parallel.runtime import Runtime, init_runtime, shutdown
+
+__all__ = ["FSDP2Backend", "ParallelBackend", "Runtime", "init_runtime", "make_backend", "shutdown"]

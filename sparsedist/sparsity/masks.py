@@ -1,0 +1,65 @@
+"""N:M mask primitives: selection, bit-packing, flip counting and digests.
+
+Reference implementations in plain torch that run on any device. A weight is [out, in];
+a group is `m` consecutive elements of one row, so every decision here is row-local and
+exact on any shard made of whole rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+_BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+_POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
+
+
+def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Boolean mask keeping the `n` largest |w| of each group of `m` consecutive inputs (dim 1).
+
+    Ties are broken towards the lower index, so the result is a deterministic function of
+    the values: replicas and shards holding the same rows always agree.
+    """
+    if weight.dim() != 2 or weight.shape[1] % m:
+        raise ValueError(f"nm_mask: weight of shape {tuple(weight.shape)} has no whole groups of {m} along dim 1")
+    magnitude = weight.detach().abs().reshape(weight.shape[0], -1, m)
+    index = torch.arange(m, device=weight.device)
+    rank = torch.zeros(magnitude.shape, dtype=torch.uint8, device=weight.device)
+    for j in range(m):
+        other = magnitude[..., j : j + 1]
+        rank += (other > magnitude) | ((other == magnitude) & (j < index))
+    return (rank < n).reshape(weight.shape)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a [rows, cols] bool mask to [rows, ceil(cols/8)] uint8, element 8k+j in bit j of byte k."""
+    rows, cols = mask.shape
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -cols % 8)).reshape(rows, -1, 8)
+    return (padded * _BIT_WEIGHTS.to(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of `pack_mask`: [rows, ceil(cols/8)] uint8 to a [rows, cols] bool mask."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(bits.shape[0], -1)[:, :cols]
+
+
+def packed_width(cols: int) -> int:
+    """Bytes per row of a packed mask."""
+    return (cols + 7) // 8
+
+
+def count_ones(bits: torch.Tensor) -> int:
+    """Number of set bits in a packed mask."""
+    return int(_POPCOUNT.to(bits.device)[bits.long()].sum())
+
+
+def count_flips(old_bits: torch.Tensor, new_bits: torch.Tensor) -> int:
+    """Number of elements whose mask bit differs between two packed masks."""
+    return count_ones(old_bits ^ new_bits)
+
+
+def mask_digest(bits: torch.Tensor) -> str:
+    """SHA-256 of a packed mask's bytes: compares masks bit for bit (a sum cannot: every 2:4 mask sums to D/2)."""
+    return hashlib.sha256(bits.detach().cpu().contiguous().numpy().tobytes()).hexdigest()

@@ -1,0 +1,17 @@
+"""Dense training: the method that owns no weight."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sparsedist.models.families import Family
+from sparsedist.sparsity.methods.base import SparsityMethod
+
+
+class Dense(SparsityMethod):
+    """No masks: the dense baseline, and the pretraining stage of a retraining pipeline."""
+
+    name = "dense"
+
+    def convert(self, model: nn.Module, family: Family) -> None:
+        """A dense run converts nothing."""

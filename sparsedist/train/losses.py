@@ -1,0 +1,32 @@
+"""Training losses: next-token cross-entropy and logit distillation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparsedist.config.schema import DistillConfig
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (labels are already shifted), computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ student) at temperature T, summed over the vocabulary, mean over tokens, times T²."""
+    t = temperature
+    log_p_student = F.log_softmax(student.flatten(0, 1).float() / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.flatten(0, 1).float() / t, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t
+
+
+def training_loss(
+    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, cfg: DistillConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """weight·KL + (1−weight)·CE with a teacher, plain CE without; and the parts for logging."""
+    ce = lm_loss(logits, labels)
+    if teacher_logits is None:
+        return ce, {"ce": ce.item()}
+    kl = distill_kl(logits, teacher_logits, cfg.temperature)
+    return cfg.weight * kl + (1 - cfg.weight) * ce, {"ce": ce.item(), "kd": kl.item()}

@@ -1,0 +1,223 @@
+"""The training run, top to bottom: recipe → data → model → sparsity method → parallel wrap → loop.
+
+Every rank runs the same code; rank 0 alone tracks, shows progress and exports.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sparsedist.checkpoint import Checkpointer
+from sparsedist.config import Recipe, recipe_hash
+from sparsedist.config.load import flatten
+from sparsedist.config.schema import ModelConfig
+from sparsedist.data import TokenBatches, eval_batches, load_tokenizer, prepare_dataset
+from sparsedist.models import FAMILIES, build_model, count_parameters, export_pretrained, model_config
+from sparsedist.parallel import Runtime, make_backend
+from sparsedist.sparsity import make_method
+from sparsedist.tracking import Tracker
+from sparsedist.tracking.mlflow_run import git_revision, hardware
+from sparsedist.train.evaluate import evaluate
+from sparsedist.train.losses import training_loss
+from sparsedist.train.optim import build_optimizer, lr_factor, set_lr
+
+log = logging.getLogger(__name__)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one rank at one step: resumed runs replay the same randomness without saving it."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class Trainer:
+    """One run of a recipe on this rank."""
+
+    def __init__(self, recipe: Recipe, runtime: Runtime):
+        self.recipe = recipe
+        self.runtime = runtime
+        self.backend = make_backend(recipe.parallel, runtime)
+        self.output_dir: Path = recipe.train.output_dir
+        self.family = FAMILIES[recipe.model.family]
+
+        if runtime.is_main:
+            prepare_dataset(recipe.data, recipe.train.seed)
+        torch.distributed.barrier()
+        self.tokenizer = load_tokenizer(recipe.data.dir / "tokenizer")
+        self.model_config = model_config(
+            recipe.model, len(self.tokenizer), recipe.data.seq_len, self.tokenizer.eos_token_id
+        )
+
+        model = build_model(recipe.model, self.model_config, recipe.train.seed)
+        self.method = make_method(recipe.sparsity, self.backend)
+        self.method.convert(model, self.family)
+        self.num_params = count_parameters(model)
+        self.model = self.backend.wrap(model, self.family.blocks(model))
+        self.method.init_state()
+        self.teacher = self._build_teacher()
+        self.optimizer = build_optimizer(self.model, recipe.optim)
+
+        t, d = recipe.train, recipe.data
+        self.train_data = TokenBatches(d.dir / "train", d.seq_len, t.global_batch, t.micro_batch,
+                                       runtime.rank, runtime.world_size, t.seed)
+        self.eval_data = eval_batches(d.dir / "valid", d.seq_len, recipe.eval.micro_batch,
+                                      runtime.rank, runtime.world_size, recipe.eval.sequences)
+        self.tokens_per_step = t.global_batch * d.seq_len
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", recipe.checkpoint.keep, runtime.is_main)
+        self.tracker = Tracker(recipe.tracking, runtime.is_main)
+
+    def _build_teacher(self) -> torch.nn.Module | None:
+        cfg = self.recipe.distill
+        if cfg.weight == 0:
+            return None
+        path = self.recipe.model.pretrained if cfg.teacher == "self" else cfg.teacher
+        teacher = build_model(ModelConfig(family=self.recipe.model.family, pretrained=path), self.model_config,
+                              self.recipe.train.seed)
+        if teacher.config.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"distill.teacher: {path} has vocabulary {teacher.config.vocab_size}, "
+                             f"the student {self.model_config.vocab_size}")
+        teacher.requires_grad_(False).eval()
+        return self.backend.wrap(teacher, self.family.blocks(teacher))
+
+    def _resume(self) -> tuple[int, str | None]:
+        """Restore the latest (or the named) checkpoint; returns (first step to run, tracking run id)."""
+        choice = self.recipe.checkpoint.resume
+        if choice == "never":
+            return 0, None
+        path = self.checkpointer.latest() if choice == "auto" else Path(choice)
+        if path is None:
+            return 0, None
+        state = self.checkpointer.load(path, self.model, self.optimizer)
+        if state.get("recipe_hash") != recipe_hash(self.recipe):
+            log.warning("resuming %s with a recipe that differs from the one that wrote it", path)
+        log.info("resumed from %s at step %d", path, state["step"])
+        return state["step"], state.get("mlflow_run_id")
+
+    def fit(self) -> dict[str, float]:
+        """Train to the recipe's last step, then finalize, evaluate and export. Returns the final metrics."""
+        r = self.recipe
+        start, run_id = self._resume()
+        self.tracker.start(r.name, flatten(r), self._tags(), run_id)
+        if start == 0:
+            self.tracker.log_metrics(self._evaluate(), step=0)
+        bar = tqdm(total=r.train.steps, initial=start, disable=not self.runtime.is_main, unit="step",
+                   dynamic_ncols=True)
+        try:
+            for step in range(start, r.train.steps):
+                metrics = self.train_step(step)
+                done = step + 1
+                if done % r.train.log_interval == 0 or done == r.train.steps:
+                    metrics.update(self._global_loss(metrics))
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    self.tracker.log_metrics(metrics | self.method.metrics(), step=done)
+                if done % r.eval.interval == 0 and done < r.train.steps:
+                    self.tracker.log_metrics(self._evaluate(), step=done)
+                if done % r.checkpoint.interval == 0 or done == r.train.steps:
+                    self._save(done)
+                bar.update(1)
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+        finally:
+            bar.close()
+        return self._finish()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Optimizer step `step` (0-based) over this rank's micro-batches; returns its local metrics."""
+        r, device = self.recipe, self.runtime.device
+        started = time.perf_counter()
+        torch.manual_seed(step_seed(r.train.seed, step, self.runtime.rank))
+        lr = r.optim.lr * lr_factor(step, r.train.steps, r.schedule)
+        set_lr(self.optimizer, lr)
+        micro_batches = self.train_data.micro_batches(step)
+        parts_sum: dict[str, float] = {}
+        for i, (inputs, labels) in enumerate(micro_batches):
+            inputs, labels = inputs.to(device), labels.to(device)
+            self.backend.set_gradient_sync(self.model, i == len(micro_batches) - 1)
+            with self.backend.autocast():
+                logits = self.model(input_ids=inputs, use_cache=False).logits
+                teacher_logits = self._teacher_logits(inputs)
+                loss, parts = training_loss(logits, labels, teacher_logits, r.distill)
+            (loss / len(micro_batches)).backward()
+            for key, value in {"loss": loss.item(), **parts}.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value / len(micro_batches)
+        grad_norm = self.backend.clip_grad_norm(self.model, r.optim.grad_clip)
+        self.method.after_backward(step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step(step)
+        elapsed = time.perf_counter() - started
+        return {**parts_sum, "lr": lr, "grad_norm": grad_norm, "tokens": (step + 1) * self.tokens_per_step,
+                "tokens_per_s": self.tokens_per_step / elapsed}
+
+    @torch.no_grad()
+    def _teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        logits = self.teacher(input_ids=inputs, use_cache=False).logits
+        self.backend.after_eval(self.teacher)
+        return logits
+
+    def _global_loss(self, metrics: dict[str, float]) -> dict[str, float]:
+        """This step's loss terms averaged over ranks (each rank saw an equal share of the global batch)."""
+        keys = [k for k in ("loss", "ce", "kd") if k in metrics]
+        sums = self.backend.all_reduce_sum([metrics[k] for k in keys])
+        return {k: s / self.runtime.world_size for k, s in zip(keys, sums)}
+
+    def _evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.eval_data, self.backend)
+
+    def _save(self, step: int) -> None:
+        self.checkpointer.save(step, self.model, self.optimizer, {
+            "tokens": step * self.tokens_per_step,
+            "mlflow_run_id": self.tracker.run_id,
+            "recipe_hash": recipe_hash(self.recipe),
+            "world_size": self.runtime.world_size,
+        })
+
+    def _finish(self) -> dict[str, float]:
+        self.method.finalize()
+        final = {f"final_{k}": v for k, v in self._evaluate().items()}
+        self.tracker.log_metrics(final, step=self.recipe.train.steps)
+        self.tracker.set_tags({"tokens": self.recipe.train.steps * self.tokens_per_step})
+        if self.recipe.checkpoint.export:
+            self._export(self.output_dir / "model")
+        self.tracker.finish()
+        return final
+
+    def _export(self, out: Path) -> None:
+        """The delivered model as a Hugging Face directory, with its tokenizer (rank 0 writes)."""
+        state = self.backend.full_state_dict(self.model)
+        if not self.runtime.is_main:
+            return
+        weights = {k: v for k, v in state.items() if not k.endswith(".mask")}
+        staging = out.with_name(out.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        export_pretrained(weights, self.recipe.model, self.model_config, staging)
+        self.tokenizer.save_pretrained(staging)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+        self.tracker.set_tags({"export_dir": str(out.resolve())})
+        log.info("exported the model to %s", out)
+
+    def _tags(self) -> dict[str, Any]:
+        r = self.recipe
+        return {
+            "method": r.sparsity.method,
+            "model_family": r.model.family,
+            "params": self.num_params,
+            "sparse_params": sum(layer.weight.numel() for layer in self.method.layers.values()),
+            "sparsity_pattern": "dense" if r.sparsity.method == "dense" else f"{r.sparsity.n}:{r.sparsity.m}",
+            "recipe": r.name,
+            "recipe_hash": recipe_hash(r),
+            "git_revision": git_revision(),
+            "world_size": self.runtime.world_size,
+            "hardware": hardware(),
+        }

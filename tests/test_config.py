@@ -1,0 +1,135 @@
+"""Recipes: inheritance, overrides, and refusal of invalid input with a one-line message naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsedist.config import RecipeError, load_recipe
+from sparsedist.config.check import check_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+MICRO = REPO / "tests" / "recipes" / "micro.yaml"
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_recipe_validates_or_names_its_missing_input():
+    for path in sorted((REPO / "recipes").rglob("*.yaml")):
+        if "base" in path.stem:
+            continue
+        try:
+            check_recipe(load_recipe(path))
+        except RecipeError as err:  # recipes that start from another run's export
+            assert "model.pretrained" in str(err), (path, err)
+
+
+def test_inheritance_merges_sections_key_by_key(tmp_path):
+    base = write(tmp_path, "base.yaml", MICRO.read_text())
+    child = write(tmp_path, "child.yaml", "base: base.yaml\nname: child\ntrain:\n  steps: 9\n")
+    recipe = load_recipe(child)
+    assert recipe.name == "child"
+    assert recipe.train.steps == 9
+    assert recipe.train.global_batch == 12  # inherited from the base
+    assert recipe.model.config["intermediate_size"] == 68
+    assert base.exists()
+
+
+def test_overrides_parse_values_as_yaml():
+    recipe = load_recipe(MICRO, ["train.steps=50", "optim.lr=1e-4", "sparsity.targets=all_linear",
+                                 "model.config.num_hidden_layers=3", "checkpoint.resume=never"])
+    assert recipe.train.steps == 50
+    assert recipe.optim.lr == pytest.approx(1e-4)
+    assert recipe.sparsity.targets == "all_linear"
+    assert recipe.model.config["num_hidden_layers"] == 3
+
+
+def test_scientific_notation_in_yaml_is_a_float(tmp_path):
+    path = write(tmp_path, "r.yaml", MICRO.read_text().replace("lr: 3.0e-3", "lr: 3e-3"))
+    assert load_recipe(path).optim.lr == pytest.approx(3e-3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.stepz=5"], "unknown key train.stepz"),
+        (["nosection.x=1"], "unknown key nosection"),
+        (["train.steps.deep=1"], "train.steps has no sub-keys"),
+        (["train.steps=abc"], "train.steps: Input should be a valid integer"),
+        (["train.steps=0"], "train.steps: Input should be greater than 0"),
+        (["train.steps=2.5"], "train.steps: Input should be a valid integer"),
+        (["sparsity.n=4"], "sparsity.n: 4 must be smaller than sparsity.m (4)"),
+        (["sparsity.method=magic"], "sparsity.method: Input should be 'dense', 'ste' or 'srste'"),
+        (["train.global_batch=10"], "train.global_batch: 10 is not divisible by world size 1 × train.micro_batch 4"),
+        (["parallel.backend=fsdp2", "parallel.nproc_per_node=2", "train.global_batch=12", "train.micro_batch=4"],
+         "train.global_batch: 12 is not divisible by world size 2 × train.micro_batch 4"),
+        (["parallel.nproc_per_node=2"], "parallel.backend: 'none' runs one process"),
+        (["schedule.warmup_steps=99"], "schedule.warmup_steps: 99 exceeds train.steps (6)"),
+        (["sparsity.method=ste", "sparsity.decay=0.1"], "sparsity.decay: method 'ste' has no decay"),
+        (["distill.weight=0.5"], "distill.teacher: 'self' needs model.pretrained"),
+        (["train.steps"], "expected KEY=VALUE"),
+    ],
+)
+def test_invalid_values_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(MICRO, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_keys_are_refused_at_every_level(tmp_path):
+    text = MICRO.read_text()
+    cases = {
+        "top": ("name: micro\n", "name: micro\ncolour: red\n", "colour: unknown key"),
+        "section": ("  steps: 6\n", "  steps: 6\n  epochs: 2\n", "train.epochs: unknown key"),
+        "model config": ("    num_hidden_layers: 2\n", "    num_hidden_layers: 2\n    n_wings: 2\n",
+                         "model.config.n_wings: not a LlamaConfig setting"),
+    }
+    for case, (old, new, message) in cases.items():
+        path = write(tmp_path, f"{case}.yaml", text.replace(old, new, 1))
+        with pytest.raises(RecipeError) as info:
+            check_recipe(load_recipe(path))
+        assert message in str(info.value), case
+
+
+def test_model_checks_before_any_weight_exists():
+    with pytest.raises(RecipeError, match="data.seq_len: 128 exceeds the model's max_position_embeddings"):
+        check_recipe(load_recipe(MICRO, ["data.seq_len=128"]))
+    with pytest.raises(RecipeError, match=r"sparsity.m: model.layers.0.mlp.down_proj has 68 inputs, not a multiple of 8"):
+        check_recipe(load_recipe(MICRO, ["sparsity.n=2", "sparsity.m=8"]))
+
+
+def test_base_cycle_and_missing_file(tmp_path):
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(RecipeError, match="inheritance cycle"):
+        load_recipe(tmp_path / "a.yaml")
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_cli_refuses_before_starting_any_rank(tmp_path):
+    """`launch` with a bad override exits 2 with one line on stderr, and no process group or output appears."""
+    cmd = [sys.executable, "-m", "sparsedist", "launch", str(MICRO), "--nproc", "2", "parallel.backend=fsdp2", "train.global_batch=7",
+           f"train.output_dir={tmp_path / 'out'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "sparsedist: recipe error: train.global_batch: 7 is not divisible by world size 2 × train.micro_batch 4"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_validate_prints_a_summary():
+    done = subprocess.run([sys.executable, "-m", "sparsedist", "validate", str(MICRO), "train.steps=8"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok: micro (")
+    assert "total_tokens=3,072" in done.stdout
