@@ -104,6 +104,10 @@ def test_model_checks_before_any_weight_exists():
         check_recipe(load_recipe(MICRO, ["data.seq_len=128"]))
     with pytest.raises(RecipeError, match=r"sparsity.m: model.layers.0.mlp.down_proj has 68 inputs, not a multiple of 8"):
         check_recipe(load_recipe(MICRO, ["sparsity.n=2", "sparsity.m=8"]))
+    with pytest.raises(RecipeError, match=r"model.config: .*'hidden_size' expected int, got str"):
+        check_recipe(load_recipe(MICRO, ["model.config.hidden_size=abc"]))
+    with pytest.raises(RecipeError, match=r"model.config: .*RoPE requires an even rotary dimension"):
+        check_recipe(load_recipe(MICRO, ["model.config.hidden_size=30"]))
 
 
 def test_base_cycle_and_missing_file(tmp_path):
@@ -133,3 +137,19 @@ def test_cli_validate_prints_a_summary():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok: micro (")
     assert "total_tokens=3,072" in done.stdout
+
+
+def test_every_schema_key_is_documented():
+    """docs/recipes.md names every key of the schema as `section.key`."""
+    from pydantic import BaseModel
+
+    from sparsedist.config.schema import Recipe
+
+    docs = (REPO / "docs" / "recipes.md").read_text()
+    for section, field in Recipe.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for key in annotation.model_fields:
+                assert f"`{section}.{key}`" in docs, f"{section}.{key}"
+        else:
+            assert f"`{section}`" in docs, section

@@ -47,6 +47,14 @@ def test_nm_mask_on_all_equal_magnitude_patterns_matches_brute_force():
     assert torch.equal(nm_mask(values), brute_force_mask(values, 2, 4))
 
 
+def test_empty_shards_have_empty_masks():
+    """A rank may hold no rows of a small weight (2 rows on 3 ranks)."""
+    empty = torch.empty(0, 8)
+    assert nm_mask(empty).shape == (0, 8)
+    assert pack_mask(nm_mask(empty)).shape == (0, 1)
+    assert unpack_mask(pack_mask(nm_mask(empty)), 8).shape == (0, 8)
+
+
 def test_nm_mask_refuses_rows_without_whole_groups():
     with pytest.raises(ValueError, match="no whole groups of 4"):
         nm_mask(torch.randn(3, 6))

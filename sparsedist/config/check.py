@@ -20,12 +20,18 @@ def check_recipe(recipe: Recipe) -> dict[str, int]:
     family = FAMILIES[recipe.model.family]
     try:
         config = model_config(recipe.model, recipe.data.vocab_size, recipe.data.seq_len, eos_id=0)
+    except ModelConfigError as err:
+        raise RecipeError(str(err)) from None
+    try:
         with torch.device("meta"):
             model = family.model_class(config)
-        if family.conv1d:
-            conv1d_to_linear(model)
+    except Exception as err:  # transformers accepts any config value and fails when building
+        raise RecipeError(f"model.config: no {family.name} model can be built from it ({err})") from None
+    if family.conv1d:
+        conv1d_to_linear(model)
+    try:
         sparse = target_linears(model, family, recipe.sparsity) if recipe.sparsity.method != "dense" else []
-    except (ModelConfigError, ValueError) as err:
+    except ValueError as err:
         raise RecipeError(str(err)) from None
     tokens_per_step = recipe.train.global_batch * recipe.data.seq_len
     return {

@@ -38,7 +38,10 @@ def model_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int) -
                 f"model.config.vocab_size: {given_vocab} differs from the tokenizer's ({vocab_size}); leave it out"
             )
         special = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
-        config = family.config_class(**{**special, **cfg.config, "vocab_size": vocab_size})
+        try:
+            config = family.config_class(**{**special, **cfg.config, "vocab_size": vocab_size})
+        except Exception as err:  # transformers validates its configs with errors of several types
+            raise ModelConfigError(f"model.config: {' '.join(str(err).split())}") from None
     if config.vocab_size < vocab_size:
         raise ModelConfigError(
             f"model.pretrained: vocabulary {config.vocab_size} is smaller than the tokenizer's {vocab_size}"

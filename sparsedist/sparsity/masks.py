@@ -23,7 +23,8 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """
     if weight.dim() != 2 or weight.shape[1] % m:
         raise ValueError(f"nm_mask: weight of shape {tuple(weight.shape)} has no whole groups of {m} along dim 1")
-    magnitude = weight.detach().abs().reshape(weight.shape[0], -1, m)
+    rows, cols = weight.shape
+    magnitude = weight.detach().abs().reshape(rows, cols // m, m)
     index = torch.arange(m, device=weight.device)
     rank = torch.zeros(magnitude.shape, dtype=torch.uint8, device=weight.device)
     for j in range(m):
@@ -35,14 +36,14 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Pack a [rows, cols] bool mask to [rows, ceil(cols/8)] uint8, element 8k+j in bit j of byte k."""
     rows, cols = mask.shape
-    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -cols % 8)).reshape(rows, -1, 8)
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -cols % 8)).reshape(rows, packed_width(cols), 8)
     return (padded * _BIT_WEIGHTS.to(mask.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_mask(bits: torch.Tensor, cols: int) -> torch.Tensor:
     """Inverse of `pack_mask`: [rows, ceil(cols/8)] uint8 to a [rows, cols] bool mask."""
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(bits.shape[0], -1)[:, :cols]
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(bits.shape[0], bits.shape[1] * 8)[:, :cols]
 
 
 def packed_width(cols: int) -> int:

@@ -1,0 +1,42 @@
+"""Training losses against their definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparsedist.config.schema import DistillConfig, ScheduleConfig
+from sparsedist.train.losses import distill_kl, training_loss
+from sparsedist.train.optim import lr_factor
+
+
+def test_distillation_kl_matches_its_definition():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    t = 2.0
+    p = torch.softmax(teacher / t, -1)
+    expected = (p * (p.log() - torch.log_softmax(student / t, -1))).sum(-1).mean() * t * t
+    torch.testing.assert_close(distill_kl(student, teacher, t), expected)
+    assert float(distill_kl(teacher, teacher, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_training_loss_mixes_kl_and_cross_entropy():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    labels = torch.randint(0, 7, (2, 3))
+    cfg = DistillConfig(weight=0.25, teacher="self", temperature=1.0)
+    loss, parts = training_loss(student, labels, teacher, cfg)
+    assert float(loss) == pytest.approx(0.25 * parts["kd"] + 0.75 * parts["ce"], rel=1e-6)
+    plain, parts = training_loss(student, labels, None, cfg)
+    assert set(parts) == {"ce"} and float(plain) == pytest.approx(parts["ce"])
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine_to_the_floor():
+    cfg = ScheduleConfig(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 110, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(110, 110, cfg) == pytest.approx(0.1)
+    assert lr_factor(50, 110, ScheduleConfig(kind="constant", warmup_steps=10)) == 1.0
