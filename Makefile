@@ -25,4 +25,5 @@ demo: $(STAMP)
 	$(VENV)/bin/sparsedist demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest

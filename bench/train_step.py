@@ -19,19 +19,20 @@ from pathlib import Path
 
 import torch
 
-from sparsedist.config.schema import ModelConfig, OptimConfig, ParallelConfig, SparsityConfig
+from sparsedist.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from sparsedist.config.sparsity import METHOD_CONFIGS
 from sparsedist.models import FAMILIES, build_model, model_config
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.parallel.runtime import Runtime
 from sparsedist.sparsity import make_method
 from sparsedist.train.losses import lm_loss
-from sparsedist.train.optim import build_optimizer
+from sparsedist.train.optim import param_groups
 
 SHAPES = {
     "tiny (d=128, ffn=384, 4 layers)": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4),
     "small (d=512, ffn=1536, 4 layers)": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4),
 }
-METHODS = ("dense", "ste", "srste")
+METHODS = ("dense", "ste", "srste", "sparse_pretrain", "sste", "ast", "cast")
 VOCAB, SEQ, BATCH = 8192, 128, 8
 
 
@@ -41,15 +42,17 @@ def step_times(shape: dict, method: str, steps: int, device: torch.device) -> tu
                                               "max_position_embeddings": SEQ})
     model = build_model(cfg, model_config(cfg, VOCAB, SEQ, 0), seed=0).to(device)
     backend = ParallelBackend(ParallelConfig(backend="none"), Runtime(0, 1, 0, device))
-    sparse = make_method(SparsityConfig(method=method), backend)
+    sparse = make_method(METHOD_CONFIGS[method](method=method), backend, total_steps=steps + 3)
     sparse.convert(model, FAMILIES["llama"])
     sparse.init_state()
-    optimizer = build_optimizer(model, OptimConfig())
+    optim = OptimConfig()
+    optimizer = sparse.make_optimizer(param_groups(model, optim, sparse.no_decay_parameters()), optim)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device=device)
     times = []
     for step in range(steps + 3):
         _sync(device)
         start = time.perf_counter()
+        sparse.before_step(step)
         loss = lm_loss(model(input_ids=tokens[:, :-1], use_cache=False).logits, tokens[:, 1:])
         loss.backward()
         sparse.after_backward(step)

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from sparsedist.config import Recipe, RecipeError, load_recipe, recipe_hash
 
@@ -35,7 +36,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sparsedist.train import run_training
+    from sparsedist.train.trainer import run_training
 
     run_training(_load_checked(args.recipe, args.overrides))
     return 0
@@ -61,6 +62,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     else:
         out = prepare_dataset(DataConfig(), seed=0)
     print(f"prepared {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sparsedist.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} to {args.out}")
     return 0
 
 
@@ -92,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe whose data section to prepare")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("export", help="finalize a checkpoint, verify its N:M weights, write a Hugging Face dir")
+    p.add_argument("checkpoint", type=Path, help="a step folder of a run's checkpoints")
+    p.add_argument("out", type=Path, help="output directory")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job: dense pretraining, one-shot 2:4, SR-STE retraining, on CPU")
     p.add_argument("--nproc", type=int, default=2, help="processes per run")
@@ -132,11 +146,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_libraries()
+    from sparsedist.export import ExportError
+
     try:
         return args.func(args)
     except RecipeError as err:
         print(f"sparsedist: recipe error: {err}", file=sys.stderr)
         return 2
+    except ExportError as err:
+        print(f"sparsedist: export refused: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 1. prepare the Shakespeare + Milton corpus;
 2. pretrain the tiny dense Llama (recipes/tiny/dense.yaml) on `nproc` FSDP2 ranks;
 3. retrain it to 2:4 with SR-STE (recipes/tiny/srste.yaml);
-4. continue it dense for the same steps (the same recipe with `sparsity.method=dense`): the
+4. continue it dense for the same steps (recipes/tiny/retrain.yaml, dense): the
    control that separates what 2:4 costs from what the extra tokens give;
 5. read the runs back from the MLflow store and print the table.
 
@@ -51,8 +51,7 @@ def run_demo(nproc: int, quick: bool) -> int:
     stages = [
         Stage(RECIPES / "dense.yaml", dense, []),
         Stage(RECIPES / "srste.yaml", sparse, [start]),
-        Stage(RECIPES / "srste.yaml", control, [start, "sparsity.method=dense", "sparsity.decay=null",
-                                                 "tracking.run_name=tiny-dense-continued"]),
+        Stage(RECIPES / "retrain.yaml", control, [start, "tracking.run_name=tiny-dense-continued"]),
     ]
     for stage in stages:
         stage.overrides = [*common, f"train.output_dir={stage.output_dir}", *stage.overrides]

@@ -38,7 +38,7 @@ def test_inheritance_merges_sections_key_by_key(tmp_path):
     assert recipe.name == "child"
     assert recipe.train.steps == 9
     assert recipe.train.global_batch == 12  # inherited from the base
-    assert recipe.model.config["intermediate_size"] == 68
+    assert recipe.model.config["intermediate_size"] == 80
     assert base.exists()
 
 
@@ -66,13 +66,17 @@ def test_scientific_notation_in_yaml_is_a_float(tmp_path):
         (["train.steps=0"], "train.steps: Input should be greater than 0"),
         (["train.steps=2.5"], "train.steps: Input should be a valid integer"),
         (["sparsity.n=4"], "sparsity.n: 4 must be smaller than sparsity.m (4)"),
-        (["sparsity.method=magic"], "sparsity.method: Input should be 'dense', 'ste' or 'srste'"),
+        (["sparsity.method=magic"], "sparsity.method: 'magic' is not one of dense, ste, srste, sparse_pretrain"),
+        (["sparsity.mvue=true"], "sparsity.mvue: not a key of method 'srste'"),
+        (["sparsity.method=sste"], "sparsity.refresh_interval: not a key of method 'sste'"),
+        (["sparsity={method: sste, n: 1}"], "sparsity.n: sste is defined for 2:4 (n=2, m=4), not 1:4"),
+        (["sparsity={method: cast, decay: -1}"], "sparsity.decay: Input should be greater than or equal to 0"),
         (["train.global_batch=10"], "train.global_batch: 10 is not divisible by world size 1 × train.micro_batch 4"),
         (["parallel.backend=fsdp2", "parallel.nproc_per_node=2", "train.global_batch=12", "train.micro_batch=4"],
          "train.global_batch: 12 is not divisible by world size 2 × train.micro_batch 4"),
         (["parallel.nproc_per_node=2"], "parallel.backend: 'none' runs one process"),
         (["schedule.warmup_steps=99"], "schedule.warmup_steps: 99 exceeds train.steps (6)"),
-        (["sparsity.method=ste", "sparsity.decay=0.1"], "sparsity.decay: method 'ste' has no decay"),
+        (["sparsity.method=ste", "sparsity.decay=0.1"], "sparsity.decay: not a key of method 'ste'"),
         (["distill.weight=0.5"], "distill.teacher: 'self' needs model.pretrained"),
         (["train.steps"], "expected KEY=VALUE"),
     ],
@@ -102,8 +106,12 @@ def test_unknown_keys_are_refused_at_every_level(tmp_path):
 def test_model_checks_before_any_weight_exists():
     with pytest.raises(RecipeError, match="data.seq_len: 128 exceeds the model's max_position_embeddings"):
         check_recipe(load_recipe(MICRO, ["data.seq_len=128"]))
-    with pytest.raises(RecipeError, match=r"sparsity.m: model.layers.0.mlp.down_proj has 68 inputs, not a multiple of 8"):
-        check_recipe(load_recipe(MICRO, ["sparsity.n=2", "sparsity.m=8"]))
+    with pytest.raises(RecipeError, match=r"sparsity.m: model.layers.0.mlp.gate_proj has 32 inputs, not a multiple"):
+        check_recipe(load_recipe(MICRO, ["sparsity.n=2", "sparsity.m=6"]))
+    with pytest.raises(RecipeError, match=r"sparsity.scale_segments: 32 inputs do not split into 3 segments"):
+        check_recipe(load_recipe(MICRO, ["sparsity={method: cast, scale_segments: 3}"]))
+    with pytest.raises(RecipeError, match=r"sparsity.slorb_k: 32 inputs are not a multiple of 64"):
+        check_recipe(load_recipe(MICRO, ["sparsity={method: ast, slorb: true, slorb_k: 64}"]))
     with pytest.raises(RecipeError, match=r"model.config: .*'hidden_size' expected int, got str"):
         check_recipe(load_recipe(MICRO, ["model.config.hidden_size=abc"]))
     with pytest.raises(RecipeError, match=r"model.config: .*RoPE requires an even rotary dimension"):
@@ -121,7 +129,8 @@ def test_base_cycle_and_missing_file(tmp_path):
 
 def test_cli_refuses_before_starting_any_rank(tmp_path):
     """`launch` with a bad override exits 2 with one line on stderr, and no process group or output appears."""
-    cmd = [sys.executable, "-m", "sparsedist", "launch", str(MICRO), "--nproc", "2", "parallel.backend=fsdp2", "train.global_batch=7",
+    cmd = [sys.executable, "-m", "sparsedist", "launch", str(MICRO), "--nproc", "2", "parallel.backend=fsdp2",
+           "train.global_batch=7",
            f"train.output_dir={tmp_path / 'out'}"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 2
@@ -141,15 +150,12 @@ def test_cli_validate_prints_a_summary():
 
 def test_every_schema_key_is_documented():
     """docs/recipes.md names every key of the schema as `section.key`."""
-    from pydantic import BaseModel
-
+    from sparsedist.config.load import section_types
     from sparsedist.config.schema import Recipe
 
     docs = (REPO / "docs" / "recipes.md").read_text()
     for section, field in Recipe.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            for key in annotation.model_fields:
-                assert f"`{section}.{key}`" in docs, f"{section}.{key}"
-        else:
-            assert f"`{section}`" in docs, section
+        classes = section_types(field.annotation)  # one section class, or the methods' union
+        assert classes or f"`{section}`" in docs, section
+        for key in {key for cls in classes for key in cls.model_fields}:
+            assert f"`{section}.{key}`" in docs, f"{section}.{key}"

@@ -22,6 +22,17 @@ def test_distillation_kl_matches_its_definition():
     assert float(distill_kl(teacher, teacher, t)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_chunked_kl_equals_the_whole_and_has_the_same_gradient():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 5, 11, requires_grad=True), torch.randn(3, 5, 11)
+    whole = distill_kl(student, teacher, 1.5, chunk=10_000)
+    (grad_whole,) = torch.autograd.grad(whole, student)
+    chunked = distill_kl(student, teacher, 1.5, chunk=4)  # 15 tokens: chunks of 4, 4, 4, 3
+    (grad_chunked,) = torch.autograd.grad(chunked, student)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(grad_chunked, grad_whole)
+
+
 def test_training_loss_mixes_kl_and_cross_entropy():
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 3, 7), torch.randn(2, 3, 7)

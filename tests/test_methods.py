@@ -1,36 +1,61 @@
-"""Sparsity methods in one process, against their definitions."""
+"""Sparsity methods in one process, each against a hand-written reference of its equations."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from sparsedist.config.schema import ModelConfig, ParallelConfig, SparsityConfig
+from sparsedist.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from sparsedist.config.sparsity import METHOD_CONFIGS
 from sparsedist.models import FAMILIES, build_model, model_config
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.parallel.runtime import Runtime
-from sparsedist.sparsity import SparseLinear, make_method, nm_mask, unpack_mask
+from sparsedist.sparsity import SparseLinear, make_method, nm_mask, pack_mask, unpack_mask
+from sparsedist.sparsity.soft_threshold import soft_threshold
+from sparsedist.sparsity.transposable import transposable_mask
+from sparsedist.train.optim import param_groups
 
 LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=2, max_position_embeddings=64)
+BACKEND = ParallelBackend(ParallelConfig(backend="none"), Runtime(0, 1, 0, torch.device("cpu")))
 
 
-def setup(method: str, **sparsity):
+def setup(method: str, total_steps: int = 100, **sparsity):
     cfg = ModelConfig(family="llama", config=LLAMA)
     model = build_model(cfg, model_config(cfg, 300, 32, 0), seed=0)
-    backend = ParallelBackend(ParallelConfig(backend="none"), Runtime(0, 1, 0, torch.device("cpu")))
-    sparse = make_method(SparsityConfig(method=method, **sparsity), backend)
+    sparse = make_method(METHOD_CONFIGS[method](method=method, **sparsity), BACKEND, total_steps)
     sparse.convert(model, FAMILIES["llama"])
     sparse.init_state()
     return model, sparse
 
 
-def test_targets_cover_the_ffn_or_every_block_linear():
+def mask_of(layer: SparseLinear) -> torch.Tensor:
+    return unpack_mask(layer.mask, layer.in_features)
+
+
+def first(method) -> SparseLinear:
+    return next(iter(method.layers.values()))
+
+
+def fake_gradients(method, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    grads = {}
+    for name, layer in method.layers.items():
+        layer.weight.grad = torch.randn_like(layer.weight)
+        grads[name] = layer.weight.grad.clone()
+    return grads
+
+
+# --- shared behaviour -------------------------------------------------------------------
+
+def test_targets_follow_the_recipe_and_the_papers_defaults():
     _, ffn = setup("srste")
     assert sorted(ffn.layers) == sorted(f"model.layers.{i}.mlp.{n}" for i in range(2)
                                         for n in ("gate_proj", "up_proj", "down_proj"))
     _, every = setup("ste", targets="all_linear")
     assert len(every.layers) == 14
+    assert len(setup("ast")[1].layers) == len(setup("cast")[1].layers) == 14  # AST and CAST: every block linear
     model, dense = setup("dense")
     assert not dense.layers and not any(isinstance(m, SparseLinear) for m in model.modules())
 
@@ -38,25 +63,13 @@ def test_targets_cover_the_ffn_or_every_block_linear():
 def test_initial_masks_are_the_magnitude_masks():
     _, method = setup("ste")
     for layer in method.layers.values():
-        assert torch.equal(unpack_mask(layer.mask, layer.in_features), nm_mask(layer.weight))
-    assert method.metrics() == {"sparsity": 0.5}
-
-
-def test_srste_adds_the_masked_decay_once_to_the_gradient():
-    _, method = setup("srste", decay=0.01)
-    grads = {}
-    for name, layer in method.layers.items():
-        layer.weight.grad = torch.randn_like(layer.weight)
-        grads[name] = layer.weight.grad.clone()
-    method.after_backward(step=0)
-    for name, layer in method.layers.items():
-        mask = unpack_mask(layer.mask, layer.in_features)
-        torch.testing.assert_close(layer.weight.grad, grads[name] + 0.01 * (~mask) * layer.weight)
+        assert torch.equal(mask_of(layer), nm_mask(layer.weight))
+    assert method.metrics()["sparsity"] == 0.5
 
 
 def test_masks_refresh_on_schedule_and_report_flips():
     _, method = setup("ste", refresh_interval=3)
-    layer = next(iter(method.layers.values()))
+    layer = first(method)
     with torch.no_grad():
         layer.weight.neg_().add_(torch.randn_like(layer.weight))  # new magnitudes, new masks
     before = layer.mask.clone()
@@ -64,16 +77,251 @@ def test_masks_refresh_on_schedule_and_report_flips():
     method.after_step(step=1)
     assert torch.equal(layer.mask, before)
     method.after_step(step=2)
-    assert not torch.equal(layer.mask, before)
-    assert torch.equal(unpack_mask(layer.mask, layer.in_features), nm_mask(layer.weight))
+    assert torch.equal(mask_of(layer), nm_mask(layer.weight))
     flips = int((unpack_mask(before, layer.in_features) ^ nm_mask(layer.weight)).sum())
     total = sum(lay.weight.numel() for lay in method.layers.values())
-    assert method.metrics()["flip_rate"] == pytest.approx(flips / total)
+    assert flips and method.metrics()["flip_rate"] == pytest.approx(flips / total)
+
+
+def test_pruned_weight_share_is_the_norm_share_off_the_mask():
+    _, method = setup("srste")
+    pruned = sum(float((lay.weight.detach()[~mask_of(lay)] ** 2).sum()) for lay in method.layers.values())
+    total = sum(float((lay.weight.detach() ** 2).sum()) for lay in method.layers.values())
+    assert method.metrics()["pruned_weight_share"] == pytest.approx(pruned / total)
+
+
+# --- STE and SR-STE ---------------------------------------------------------------------
+
+def test_ste_forward_masks_and_backward_passes_straight_through():
+    _, method = setup("ste")
+    layer = first(method)
+    x = torch.randn(5, layer.in_features)
+    y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, layer.weight * mask_of(layer)))
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    torch.testing.assert_close(layer.weight.grad, grad_out.t() @ x)  # pruned positions included
+
+
+def test_srste_adds_the_masked_decay_once_to_the_gradient():
+    _, method = setup("srste", decay=0.01)
+    grads = fake_gradients(method)
+    method.after_backward(step=0)
+    for name, layer in method.layers.items():
+        torch.testing.assert_close(layer.weight.grad, grads[name] + 0.01 * (~mask_of(layer)) * layer.weight)
 
 
 def test_finalize_hard_prunes_to_exactly_the_mask():
     _, method = setup("srste")
     method.finalize()
     for layer in method.layers.values():
-        mask = unpack_mask(layer.mask, layer.in_features)
-        assert (layer.weight[~mask] == 0).all() and (layer.weight[mask] != 0).all()
+        assert (layer.weight[~mask_of(layer)] == 0).all() and (layer.weight[mask_of(layer)] != 0).all()
+
+
+# --- sparse_pretrain (ICML'24) ----------------------------------------------------------
+
+def test_sparse_pretrain_masks_are_transposable_and_decay_then_turn_dense():
+    _, method = setup("sparse_pretrain", total_steps=12, dense_finetune_fraction=0.25, decay=0.02)
+    for layer in method.layers.values():
+        assert torch.equal(mask_of(layer), transposable_mask(layer.weight))
+    assert method.dense_from == 9
+    grads = fake_gradients(method)
+    method.after_backward(step=8)
+    layer = first(method)
+    name = next(iter(method.layers))
+    torch.testing.assert_close(layer.weight.grad, grads[name] + 0.02 * (~mask_of(layer)) * layer.weight)
+    x = torch.randn(3, layer.in_features)
+    method.before_step(8)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * mask_of(layer)))
+    method.before_step(9)  # the dense phase: full W, no decay, no refresh
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+    grads = fake_gradients(method, seed=1)
+    method.after_backward(step=9)
+    torch.testing.assert_close(layer.weight.grad, grads[name])
+    before = {n: lay.weight.clone() for n, lay in method.layers.items()}
+    method.finalize()
+    assert all(torch.equal(lay.weight, before[n]) for n, lay in method.layers.items()), "the final model is dense"
+
+
+def test_sparse_pretrain_mvue_weight_gradient_is_unbiased():
+    _, method = setup("sparse_pretrain", mvue=True)
+    layer = first(method)
+    x = torch.randn(16, layer.in_features)
+    grad_out = torch.randn(16, layer.out_features)
+    exact = grad_out.t() @ x
+    total = torch.zeros_like(exact)
+    draws = 400
+    torch.manual_seed(0)
+    for _ in range(draws):
+        layer.weight.grad = None
+        layer(x).backward(grad_out)
+        total += layer.weight.grad
+    single = layer.weight.grad
+    assert not torch.allclose(single, exact)  # one draw is an estimate...
+    assert (total / draws - exact).abs().mean() < 0.1 * exact.abs().mean()  # ...whose mean is the exact gradient
+
+
+# --- S-STE ------------------------------------------------------------------------------
+
+def test_sste_forward_is_scaled_soft_threshold_with_frozen_beta_and_identity_backward():
+    _, method = setup("sste")
+    layer = first(method)
+    s = soft_threshold(layer.weight.detach())
+    beta = float((layer.weight * s).sum() / (s * s).sum())
+    assert float(layer.beta) == pytest.approx(beta, rel=1e-5)
+    assert "beta" in dict(layer.named_buffers()) and "beta" in layer.state_dict()  # persistent
+    x = torch.randn(4, layer.in_features)
+    y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, beta * s), rtol=1e-5, atol=1e-6)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    torch.testing.assert_close(layer.weight.grad, grad_out.t() @ x)  # no β, no mask factor
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    method.after_step(0)
+    assert float(layer.beta) == pytest.approx(beta, rel=1e-5), "β is computed once, never again"
+
+
+def test_sste_finalize_delivers_the_forward_weights():
+    _, method = setup("sste")
+    layer = first(method)
+    x = torch.randn(4, layer.in_features)
+    before = layer(x).detach()
+    method.finalize()
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-6)
+    assert float(layer.beta) == 1.0
+    assert ((layer.weight != 0).reshape(layer.out_features, -1, 4).sum(-1) <= 2).all()
+
+
+def test_sste_fp8_emulation_rounds_through_float8():
+    _, exact = setup("sste")
+    _, fp8 = setup("sste", fp8=True)
+    x = torch.randn(8, first(exact).in_features)
+    a, b = first(exact)(x), first(fp8)(x)
+    assert not torch.equal(a, b)
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+# --- AST --------------------------------------------------------------------------------
+
+def reference_moment_adam(w, g_steps, u_of, lr, betas, eps, wd):
+    """The AST / AdamS update written out: m from g, u from m, v from u², step from u."""
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    for t, g in enumerate(g_steps, start=1):
+        m = betas[0] * m + (1 - betas[0]) * g
+        u = u_of(t, w, m)
+        v = betas[1] * v + (1 - betas[1]) * u * u
+        w = w * (1 - lr * wd) - lr / (1 - betas[0] ** t) * u / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+    return w
+
+
+def run_optimizer(method, model, steps: int, cfg: OptimConfig):
+    groups = param_groups(model, cfg, method.no_decay_parameters())
+    optimizer = method.make_optimizer(groups, cfg)
+    layer = first(method)
+    w0 = layer.weight.detach().clone()
+    grads = []
+    for step in range(steps):
+        method.before_step(step)
+        torch.manual_seed(step)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) if p.requires_grad else None
+        grads.append(layer.weight.grad.clone())
+        method.after_backward(step)
+        optimizer.step()
+    return layer, w0, grads
+
+
+def test_ast_optimizer_puts_the_annealed_decay_inside_the_moments():
+    model, method = setup("ast", decay=0.05, decay_warmup=4, refresh_interval=1000)
+    cfg = OptimConfig(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    layer, w0, grads = run_optimizer(method, model, 6, cfg)
+    mask = mask_of(layer)
+    assert [method.decay_at(s) for s in (0, 3, 5)] == pytest.approx([0.05 / 4, 0.05, 0.05])
+
+    def u_of(t, w, m):
+        return m + 0.05 * min(t / 4, 1.0) * (w * ~mask)
+
+    expected = reference_moment_adam(w0, grads, u_of, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+    torch.testing.assert_close(layer.weight.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_ast_slorb_branch_starts_from_the_pruned_block_means():
+    _, method = setup("ast", slorb=True, slorb_k=16)
+    layer = first(method)
+    pruned = layer.weight * ~mask_of(layer)
+    expected_s = pruned.reshape(layer.out_features, -1, 16).mean(-1)
+    torch.testing.assert_close(layer.branch.s, expected_s)
+    x = torch.randn(3, layer.in_features)
+    block_sums = x.reshape(3, -1, 16).sum(-1)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * mask_of(layer)) + block_sums @ expected_s.t(),
+                               rtol=1e-5, atol=1e-6)
+    extra = sum(p.numel() for lay in method.layers.values() for p in lay.branch.parameters())
+    base = sum(lay.weight.numel() for lay in method.layers.values())
+    assert extra / base == pytest.approx(0.125)  # k = 16: 12.5% extra parameters
+
+
+# --- CAST -------------------------------------------------------------------------------
+
+def test_cast_adams_decays_pruned_slots_through_the_smoothed_moment_only():
+    model, method = setup("cast", total_steps=8, decay=0.3, refresh_interval=1000)
+    cfg = OptimConfig(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    layer, w0, grads = run_optimizer(method, model, 5, cfg)
+    mask = mask_of(layer)
+
+    def u_of(t, w, m):  # μ̃, with α_t = t/T; w is θ_{t−1}
+        alpha = t / 8
+        return torch.where(mask, m, (1 - alpha) * m + alpha * 0.3 * w.sign())
+
+    expected = reference_moment_adam(w0, grads, u_of, cfg.lr, cfg.betas, cfg.eps, 0.0)
+    torch.testing.assert_close(layer.weight.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_cast_stored_momentum_is_the_raw_gradient_ema():
+    model, method = setup("cast", total_steps=4, decay=0.5)
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.0)
+    optimizer = method.make_optimizer(param_groups(model, cfg, method.no_decay_parameters()), cfg)
+    layer = first(method)
+    method.before_step(3)  # α = 1: μ̃ on pruned slots is pure decay
+    layer.weight.grad = torch.randn_like(layer.weight)
+    optimizer.step()
+    torch.testing.assert_close(optimizer.state[layer.weight]["exp_avg"], 0.1 * layer.weight.grad)
+
+
+def test_cast_forward_is_dense_with_learnable_scales_that_never_change_the_kept_pattern():
+    _, method = setup("cast")
+    layer = first(method)
+    assert tuple(layer.scale.shape) == (layer.out_features, 2)
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))  # A = 1: the dense forward
+    with torch.no_grad():
+        layer.scale.uniform_(0.1, 3.0)
+    half = layer.in_features // 2
+    scaled = torch.cat([layer.weight[:, :half] * layer.scale[:, :1], layer.weight[:, half:] * layer.scale[:, 1:]], 1)
+    torch.testing.assert_close(layer(x), F.linear(x, scaled))
+    assert torch.equal(nm_mask(scaled), nm_mask(layer.weight))  # a group shares one scale
+    assert id(layer.scale) in method.no_decay_parameters()
+
+
+def test_cast_refreshes_before_the_update_and_finalize_folds_and_prunes():
+    _, method = setup("cast", refresh_interval=10)
+    layer = first(method)
+    with torch.no_grad():
+        layer.weight.neg_().add_(torch.randn_like(layer.weight))
+    stale = layer.mask.clone()
+    method.after_step(9)
+    method.after_backward(9)
+    assert torch.equal(layer.mask, stale)
+    method.after_backward(10)
+    assert torch.equal(layer.mask, pack_mask(nm_mask(layer.weight)))
+    with torch.no_grad():
+        layer.scale.uniform_(0.5, 2.0)
+    x = torch.randn(3, layer.in_features)
+    dense_out = layer(x).detach()
+    method.finalize()
+    assert (layer.scale == 1).all()
+    mask = mask_of(layer)
+    assert (layer.weight[~mask] == 0).all()
+    # the pruned model equals the scaled model with its pruned entries dropped
+    assert (layer(x) - dense_out).abs().max() > 0
+    assert ((layer.weight != 0).reshape(layer.out_features, -1, 4).sum(-1) <= 2).all()

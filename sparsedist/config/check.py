@@ -6,9 +6,11 @@ import torch
 
 from sparsedist.config.load import RecipeError
 from sparsedist.config.schema import Recipe
-from sparsedist.models import FAMILIES, ModelConfigError, model_config
+from sparsedist.models import FAMILIES, ModelConfigError, count_parameters, model_config
 from sparsedist.models.families import conv1d_to_linear
-from sparsedist.sparsity.methods.base import target_linears
+from sparsedist.parallel.backend import ParallelBackend
+from sparsedist.parallel.runtime import Runtime
+from sparsedist.sparsity.methods import make_method
 
 
 def check_recipe(recipe: Recipe) -> dict[str, int]:
@@ -29,15 +31,18 @@ def check_recipe(recipe: Recipe) -> dict[str, int]:
         raise RecipeError(f"model.config: no {family.name} model can be built from it ({err})") from None
     if family.conv1d:
         conv1d_to_linear(model)
-    try:
-        sparse = target_linears(model, family, recipe.sparsity) if recipe.sparsity.method != "dense" else []
+    try:  # whole groups, and the method's own conditions (scale segments, SLoRB blocks...)
+        backend = ParallelBackend(recipe.parallel, Runtime(0, 1, 0, torch.device("cpu")))
+        method = make_method(recipe.sparsity, backend, recipe.train.steps)
+        method.convert(model, family)
     except ValueError as err:
         raise RecipeError(str(err)) from None
     tokens_per_step = recipe.train.global_batch * recipe.data.seq_len
     return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "sparse_params": sum(linear.weight.numel() for _, linear in sparse),
+        "params": count_parameters(model),
+        "sparse_params": sum(layer.weight.numel() for layer in method.layers.values()),
         "world_size": recipe.parallel.world_size,
         "tokens_per_step": tokens_per_step,
         "total_tokens": tokens_per_step * recipe.train.steps,
     }
+

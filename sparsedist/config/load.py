@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from sparsedist.config.schema import Recipe
+from sparsedist.config.sparsity import METHOD_CONFIGS
 
 
 class RecipeError(ValueError):
@@ -92,22 +93,25 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def _check_schema_path(parts: list[str]) -> None:
-    model: type[BaseModel] | None = Recipe
+    """Refuse a dotted key that no schema section has (any method's, for the `sparsity` union)."""
+    sections: list[type[BaseModel]] = [Recipe]
     for depth, part in enumerate(parts):
-        if model is None:  # inside a free-form mapping such as model.config
+        if not sections:  # inside a free-form mapping such as model.config
             return
-        field = model.model_fields.get(part)
-        if field is None:
-            raise RecipeError(f"override {'.'.join(parts)}: unknown key {'.'.join(parts[: depth + 1])}")
-        model = _section_type(field.annotation)
-        if model is None and depth < len(parts) - 1 and not _is_mapping(field.annotation):
-            raise RecipeError(f"override {'.'.join(parts)}: {'.'.join(parts[: depth + 1])} has no sub-keys")
+        fields = [s.model_fields[part] for s in sections if part in s.model_fields]
+        here = ".".join(parts[: depth + 1])
+        if not fields:
+            raise RecipeError(f"override {'.'.join(parts)}: unknown key {here}")
+        sections = [t for f in fields for t in section_types(f.annotation)]
+        if not sections and depth < len(parts) - 1 and not any(_is_mapping(f.annotation) for f in fields):
+            raise RecipeError(f"override {'.'.join(parts)}: {here} has no sub-keys")
 
 
-def _section_type(annotation: Any) -> type[BaseModel] | None:
+def section_types(annotation: Any) -> list[type[BaseModel]]:
+    """The sections an annotation admits: a section class, or the classes of a union."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return None
+        return [annotation]
+    return [t for arg in get_args(annotation) for t in section_types(arg)]
 
 
 def _is_mapping(annotation: Any) -> bool:
@@ -123,12 +127,19 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error["loc"])
+    loc = list(error["loc"])
+    if len(loc) > 1 and loc[0] == "sparsity" and loc[1] in METHOD_CONFIGS:
+        loc.pop(1)  # the union's tag: the method is named in the message instead
+        if error["type"] == "extra_forbidden":
+            return f"sparsity.{loc[-1]}: not a key of method {error['loc'][1]!r}"
+    key = ".".join(str(p) for p in loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: missing"
+    if error["type"] == "union_tag_invalid":
+        return f"{key}.method: {error['input'].get('method')!r} is not one of {', '.join(METHOD_CONFIGS)}"
     if error["type"] == "value_error" or not key:
         return message  # cross-field rules name their keys themselves
     return f"{key}: {message} (got {error['input']!r})"

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sparsedist.config.sparsity import METHOD_CONFIGS, SparsityConfig
+
 
 class Section(BaseModel):
     """Base of every recipe section: unknown keys and silent coercions are refused."""
@@ -42,28 +44,6 @@ class DataConfig(Section):
     """Share of whole documents held out for validation (not used by the embedded corpus)."""
     tokenizer: Path | None = None
     """An existing tokenizer directory; by default one is trained on the training split."""
-
-
-class SparsityConfig(Section):
-    """Which weights are N:M sparse and which method trains them."""
-
-    method: Literal["dense", "ste", "srste"] = "dense"
-    n: int = Field(2, gt=0)
-    m: int = Field(4, gt=0)
-    targets: Literal["ffn", "all_linear"] = "ffn"
-    """`ffn`: the MLP linears of every block; `all_linear`: attention too. Embeddings and lm_head stay dense."""
-    refresh_interval: int = Field(1, gt=0)
-    """Recompute masks from the weights every this many optimizer steps."""
-    decay: float | None = Field(None, ge=0)
-    """SR-STE's λ_W (default 2e-4): the masked decay λ(1−M)⊙W added to the gradient after reduction and clipping."""
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SparsityConfig:
-        if self.n >= self.m:
-            raise ValueError(f"sparsity.n: {self.n} must be smaller than sparsity.m ({self.m})")
-        if self.decay is not None and self.method != "srste":
-            raise ValueError(f"sparsity.decay: method {self.method!r} has no decay (SR-STE's λ_W needs srste)")
-        return self
 
 
 class DistillConfig(Section):
@@ -170,7 +150,7 @@ class Recipe(Section):
     name: str
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
-    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    sparsity: SparsityConfig = Field(default_factory=lambda: METHOD_CONFIGS["dense"](method="dense"))
     distill: DistillConfig = Field(default_factory=DistillConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

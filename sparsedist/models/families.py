@@ -99,7 +99,8 @@ def linear_to_conv1d_state(state: dict[str, torch.Tensor], family: Family) -> di
     if not family.conv1d:
         return state
     names = family.attention_linears + family.ffn_linears
-    return {
-        key: value.t().contiguous() if key.endswith(".weight") and key.removesuffix(".weight").endswith(names) else value
-        for key, value in state.items()
-    }
+
+    def converted(key: str) -> bool:
+        return key.endswith(".weight") and key.removesuffix(".weight").endswith(names)
+
+    return {key: value.t().contiguous() if converted(key) else value for key, value in state.items()}

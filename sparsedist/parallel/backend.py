@@ -42,6 +42,14 @@ class ParallelBackend:
         """This rank's piece of a parameter or gradient: a view of whole rows, writable in place."""
         return tensor
 
+    def full_tensor(self, param: torch.Tensor) -> torch.Tensor:
+        """The whole parameter on every rank (a collective on sharded backends: call it on all ranks)."""
+        return param
+
+    def row_range(self, param: torch.Tensor) -> tuple[int, int]:
+        """[start, stop) of this rank's rows of `param` in the full tensor."""
+        return 0, param.shape[0]
+
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sums of `values` over all ranks (float64)."""
         return list(values)
@@ -91,6 +99,18 @@ class FSDP2Backend(ParallelBackend):
                 raise RuntimeError(f"expected a Shard(0) parameter, got placements {tensor.placements}")
             return tensor.to_local()
         return tensor
+
+    def full_tensor(self, param: torch.Tensor) -> torch.Tensor:
+        return param.full_tensor() if isinstance(param, DTensor) else param
+
+    def row_range(self, param: torch.Tensor) -> tuple[int, int]:
+        rows, world, rank = param.shape[0], self.runtime.world_size, self.runtime.rank
+        chunk = -(-rows // world)  # torch.chunk, as FSDP2 shards: ceil-sized pieces, the last ones short
+        start, stop = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+        if stop - start != self.local(param).shape[0]:
+            local_rows = self.local(param).shape[0]
+            raise RuntimeError(f"rows [{start}, {stop}) do not match the local shard of {local_rows} rows")
+        return start, stop
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.runtime.device)

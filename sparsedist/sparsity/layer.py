@@ -3,6 +3,10 @@
 The mask is a parameter (not a buffer) on purpose: FSDP2 shards it with the same
 `Shard(0)` rows as the weight, all-gathers it together with the weight for the
 forward, and DCP saves it sharded. It costs one bit per weight.
+
+What the forward does is set by the method that converted the layer: `transform`
+gives the weight the product uses, `gemm` the product itself (plain, or with an MVUE
+weight gradient and emulated FP8), and an optional `branch` adds a dense side path.
 """
 
 from __future__ import annotations
@@ -15,18 +19,21 @@ from torch import nn
 
 from sparsedist.sparsity.masks import packed_width
 
-WeightTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(dense weight [out, in], packed mask bits) -> the weight the forward uses."""
+Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""(input, weight [out, in], bias) -> output, like F.linear."""
 
 
 class SparseLinear(nn.Linear):
-    """A linear layer whose forward weight is `transform(weight, mask)`."""
+    """A linear layer whose forward is `gemm(x, transform(self), bias) + branch(x)`."""
 
     mask: nn.Parameter
-    transform: WeightTransform
+    transform: Callable[[SparseLinear], torch.Tensor]
+    gemm: Gemm
+    branch: nn.Module | None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, transform: WeightTransform) -> SparseLinear:
+    def from_linear(cls, linear: nn.Linear, transform: Callable[[SparseLinear], torch.Tensor],
+                    gemm: Gemm = F.linear) -> SparseLinear:
         """Take over `linear`'s parameters (no copy) and add an all-zero packed mask."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -35,11 +42,32 @@ class SparseLinear(nn.Linear):
         bits = torch.zeros(linear.out_features, packed_width(linear.in_features), dtype=torch.uint8,
                            device=linear.weight.device)
         layer.mask = nn.Parameter(bits, requires_grad=False)
-        layer.transform = transform
+        layer.transform, layer.gemm, layer.branch = transform, gemm, None
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.transform(self.weight, self.mask), self.bias)
+        out = self.gemm(x, self.transform(self), self.bias)
+        return out if self.branch is None else out + self.branch(x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, transform={self.transform.__name__}"
+
+
+def dense_weight(layer: SparseLinear) -> torch.Tensor:
+    """The forward uses the dense weight; the mask only guides the method."""
+    return layer.weight
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return project(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def straight_through(weight: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`project(weight)` in the forward; in the backward the gradient reaches the dense weight unchanged (STE)."""
+    return _StraightThrough.apply(weight, project)

@@ -64,3 +64,10 @@ def count_flips(old_bits: torch.Tensor, new_bits: torch.Tensor) -> int:
 def mask_digest(bits: torch.Tensor) -> str:
     """SHA-256 of a packed mask's bytes: compares masks bit for bit (a sum cannot: every 2:4 mask sums to D/2)."""
     return hashlib.sha256(bits.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def flip_rate(old_mask: torch.Tensor, new_mask: torch.Tensor) -> float:
+    """Fraction of elements whose bool mask differs, ‖M_old ⊕ M_new‖₁ / D (0.0 for empty masks)."""
+    if old_mask.shape != new_mask.shape:
+        raise ValueError(f"flip_rate: masks of shapes {tuple(old_mask.shape)} and {tuple(new_mask.shape)} differ")
+    return int((old_mask ^ new_mask).sum()) / max(old_mask.numel(), 1)

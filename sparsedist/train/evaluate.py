@@ -12,7 +12,8 @@ from sparsedist.train.losses import lm_loss
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], backend: ParallelBackend) -> dict[str, float]:
+def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+             backend: ParallelBackend) -> dict[str, float]:
     """Token-weighted mean loss over this rank's batches and every other rank's, and its perplexity."""
     device = backend.runtime.device
     was_training = model.training

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from sparsedist.config.schema import DistillConfig
 
@@ -13,12 +14,28 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
-def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher ‖ student) at temperature T, summed over the vocabulary, mean over tokens, times T²."""
-    t = temperature
-    log_p_student = F.log_softmax(student.flatten(0, 1).float() / t, dim=-1)
-    log_p_teacher = F.log_softmax(teacher.flatten(0, 1).float() / t, dim=-1)
-    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t
+KL_CHUNK_TOKENS = 1024
+
+
+def _kl_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+               chunk: int = KL_CHUNK_TOKENS) -> torch.Tensor:
+    """KL(teacher ‖ student) at temperature T, summed over the vocabulary, mean over tokens, times T².
+
+    Computed `chunk` tokens at a time under activation checkpointing, so the fp32
+    log-probabilities of at most one chunk exist at once, in the forward and the backward.
+    """
+    student, teacher = student.flatten(0, 1), teacher.flatten(0, 1)
+    total = sum(
+        checkpoint(_kl_sum, s, t, temperature, use_reentrant=False)
+        for s, t in zip(student.split(chunk), teacher.split(chunk), strict=True)
+    )
+    return total / student.shape[0] * temperature**2
 
 
 def training_loss(

@@ -10,13 +10,12 @@ from torch import nn
 from sparsedist.config.schema import OptimConfig, ScheduleConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; matrices decay, biases and norm scales do not."""
+def param_groups(model: nn.Module, cfg: OptimConfig, no_decay: set[int]) -> list[dict]:
+    """Trainable parameters in two groups: matrices decay; biases, norm scales and `no_decay` ids do not."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decayed = [p for p in trainable if p.dim() >= 2]
-    plain = [p for p in trainable if p.dim() < 2]
-    groups = [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    decayed = [p for p in trainable if p.dim() >= 2 and id(p) not in no_decay]
+    plain = [p for p in trainable if p.dim() < 2 or id(p) in no_decay]
+    return [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
 def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:

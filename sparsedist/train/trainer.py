@@ -6,7 +6,6 @@ Every rank runs the same code; rank 0 alone tracks, shows progress and exports.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,15 @@ from sparsedist.config import Recipe, recipe_hash
 from sparsedist.config.load import flatten
 from sparsedist.config.schema import ModelConfig
 from sparsedist.data import TokenBatches, eval_batches, load_tokenizer, prepare_dataset
-from sparsedist.models import FAMILIES, build_model, count_parameters, export_pretrained, model_config
-from sparsedist.parallel import Runtime, make_backend
-from sparsedist.sparsity import make_method
+from sparsedist.export import export_state
+from sparsedist.models import build_model
+from sparsedist.parallel import Runtime, init_runtime, make_backend, shutdown
 from sparsedist.tracking import Tracker
 from sparsedist.tracking.mlflow_run import git_revision, hardware
 from sparsedist.train.evaluate import evaluate
 from sparsedist.train.losses import training_loss
-from sparsedist.train.optim import build_optimizer, lr_factor, set_lr
+from sparsedist.train.optim import lr_factor, param_groups, set_lr
+from sparsedist.train.student import build_student
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,15 @@ log = logging.getLogger(__name__)
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The RNG seed of one rank at one step: resumed runs replay the same randomness without saving it."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def run_training(recipe: Recipe) -> dict[str, float]:
+    """Run a recipe on this rank (alone, or as one rank under torchrun); returns the final metrics."""
+    runtime = init_runtime()
+    try:
+        return Trainer(recipe, runtime).fit()
+    finally:
+        shutdown()
 
 
 class Trainer:
@@ -45,24 +54,16 @@ class Trainer:
         self.runtime = runtime
         self.backend = make_backend(recipe.parallel, runtime)
         self.output_dir: Path = recipe.train.output_dir
-        self.family = FAMILIES[recipe.model.family]
 
         if runtime.is_main:
             prepare_dataset(recipe.data, recipe.train.seed)
         torch.distributed.barrier()
         self.tokenizer = load_tokenizer(recipe.data.dir / "tokenizer")
-        self.model_config = model_config(
-            recipe.model, len(self.tokenizer), recipe.data.seq_len, self.tokenizer.eos_token_id
-        )
-
-        model = build_model(recipe.model, self.model_config, recipe.train.seed)
-        self.method = make_method(recipe.sparsity, self.backend)
-        self.method.convert(model, self.family)
-        self.num_params = count_parameters(model)
-        self.model = self.backend.wrap(model, self.family.blocks(model))
-        self.method.init_state()
+        self.student = build_student(recipe, self.backend, self.tokenizer)
+        self.model, self.method = self.student.model, self.student.method
         self.teacher = self._build_teacher()
-        self.optimizer = build_optimizer(self.model, recipe.optim)
+        groups = param_groups(self.model, recipe.optim, self.method.no_decay_parameters())
+        self.optimizer = self.method.make_optimizer(groups, recipe.optim)
 
         t, d = recipe.train, recipe.data
         self.train_data = TokenBatches(d.dir / "train", d.seq_len, t.global_batch, t.micro_batch,
@@ -78,13 +79,13 @@ class Trainer:
         if cfg.weight == 0:
             return None
         path = self.recipe.model.pretrained if cfg.teacher == "self" else cfg.teacher
-        teacher = build_model(ModelConfig(family=self.recipe.model.family, pretrained=path), self.model_config,
+        teacher = build_model(ModelConfig(family=self.recipe.model.family, pretrained=path), self.student.config,
                               self.recipe.train.seed)
-        if teacher.config.vocab_size != self.model_config.vocab_size:
+        if teacher.config.vocab_size != self.student.config.vocab_size:
             raise ValueError(f"distill.teacher: {path} has vocabulary {teacher.config.vocab_size}, "
-                             f"the student {self.model_config.vocab_size}")
+                             f"the student {self.student.config.vocab_size}")
         teacher.requires_grad_(False).eval()
-        return self.backend.wrap(teacher, self.family.blocks(teacher))
+        return self.backend.wrap(teacher, self.student.family.blocks(teacher))
 
     def _resume(self) -> tuple[int, str | None]:
         """Restore the latest (or the named) checkpoint; returns (first step to run, tracking run id)."""
@@ -134,6 +135,7 @@ class Trainer:
         r, device = self.recipe, self.runtime.device
         started = time.perf_counter()
         torch.manual_seed(step_seed(r.train.seed, step, self.runtime.rank))
+        self.method.before_step(step)
         lr = r.optim.lr * lr_factor(step, r.train.steps, r.schedule)
         set_lr(self.optimizer, lr)
         micro_batches = self.train_data.micro_batches(step)
@@ -169,7 +171,7 @@ class Trainer:
         """This step's loss terms averaged over ranks (each rank saw an equal share of the global batch)."""
         keys = [k for k in ("loss", "ce", "kd") if k in metrics]
         sums = self.backend.all_reduce_sum([metrics[k] for k in keys])
-        return {k: s / self.runtime.world_size for k, s in zip(keys, sums)}
+        return {k: s / self.runtime.world_size for k, s in zip(keys, sums, strict=True)}
 
     def _evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.eval_data, self.backend)
@@ -180,6 +182,7 @@ class Trainer:
             "mlflow_run_id": self.tracker.run_id,
             "recipe_hash": recipe_hash(self.recipe),
             "world_size": self.runtime.world_size,
+            "recipe": self.recipe.model_dump(mode="json"),
         })
 
     def _finish(self) -> dict[str, float]:
@@ -195,24 +198,17 @@ class Trainer:
     def _export(self, out: Path) -> None:
         """The delivered model as a Hugging Face directory, with its tokenizer (rank 0 writes)."""
         state = self.backend.full_state_dict(self.model)
-        if not self.runtime.is_main:
-            return
-        weights = {k: v for k, v in state.items() if not k.endswith(".mask")}
-        staging = out.with_name(out.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        export_pretrained(weights, self.recipe.model, self.model_config, staging)
-        self.tokenizer.save_pretrained(staging)
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)
-        self.tracker.set_tags({"export_dir": str(out.resolve())})
-        log.info("exported the model to %s", out)
+        if self.runtime.is_main:
+            export_state(state, self.recipe, self.student, self.tokenizer, out)
+            self.tracker.set_tags({"export_dir": str(out.resolve())})
+            log.info("exported the model to %s", out)
 
     def _tags(self) -> dict[str, Any]:
         r = self.recipe
         return {
             "method": r.sparsity.method,
             "model_family": r.model.family,
-            "params": self.num_params,
+            "params": self.student.num_params,
             "sparse_params": sum(layer.weight.numel() for layer in self.method.layers.values()),
             "sparsity_pattern": "dense" if r.sparsity.method == "dense" else f"{r.sparsity.n}:{r.sparsity.m}",
             "recipe": r.name,

@@ -14,7 +14,7 @@ import torch
 from sparsedist.config import load_recipe
 from sparsedist.parallel import init_runtime, shutdown
 from sparsedist.sparsity import mask_digest, nm_mask, pack_mask
-from sparsedist.train import Trainer
+from sparsedist.train.trainer import Trainer
 
 
 def gathered_masks(trainer: Trainer) -> tuple[dict[str, str], bool]:
@@ -25,7 +25,8 @@ def gathered_masks(trainer: Trainer) -> tuple[dict[str, str], bool]:
     for name in trainer.method.layers:
         bits, weight = state[f"{name}.mask"], state[f"{name}.weight"]
         digests[name] = mask_digest(bits)
-        consistent &= torch.equal(bits, pack_mask(nm_mask(weight, trainer.recipe.sparsity.n, trainer.recipe.sparsity.m)))
+        n, m = trainer.recipe.sparsity.n, trainer.recipe.sparsity.m
+        consistent &= torch.equal(bits, pack_mask(nm_mask(weight, n, m)))
     return digests, consistent
 
 

@@ -12,6 +12,10 @@ class Dense(SparsityMethod):
     """No masks: the dense baseline, and the pretraining stage of a retraining pipeline."""
 
     name = "dense"
+    delivers_sparse = False
 
     def convert(self, model: nn.Module, family: Family) -> None:
         """A dense run converts nothing."""
+
+    def after_step(self, step: int) -> None:
+        """No masks to refresh."""

@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from sparsedist.config.schema import SparsityConfig
-from sparsedist.parallel.backend import ParallelBackend
+from sparsedist.sparsity.layer import SparseLinear, straight_through
 from sparsedist.sparsity.masks import unpack_mask
 from sparsedist.sparsity.methods.base import SparsityMethod
 
 
-class _MaskedSTE(torch.autograd.Function):
-    """Forward M⊙W; backward passes the gradient to the dense W unchanged."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        return weight * unpack_mask(bits, weight.shape[1]).to(weight.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-def masked_ste_weight(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+def masked_ste_weight(layer: SparseLinear) -> torch.Tensor:
     """M⊙W in the forward, identity in the backward."""
-    return _MaskedSTE.apply(weight, bits)
+    return straight_through(layer.weight, lambda w: w * unpack_mask(layer.mask, w.shape[1]).to(w.dtype))
 
 
 class STE(SparsityMethod):
@@ -43,16 +30,14 @@ class SRSTE(STE):
     """
 
     name = "srste"
-    default_decay = 2e-4
-
-    def __init__(self, cfg: SparsityConfig, backend: ParallelBackend):
-        super().__init__(cfg, backend)
-        self.decay = self.default_decay if cfg.decay is None else cfg.decay
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
-        for layer, weight, mask in self.local_pieces():
-            if layer.weight.grad is None:
-                continue
-            grad = self.backend.local(layer.weight.grad)
-            grad.add_(weight * ~mask, alpha=self.decay)
+        add_masked_decay(self, self.cfg.decay)
+
+
+def add_masked_decay(method: SparsityMethod, decay: float) -> None:
+    """grad += decay·(1−M)⊙W on every owned layer's local rows (SR-STE, ICML'24)."""
+    for layer, weight, mask in method.local_pieces():
+        if layer.weight.grad is not None:
+            method.backend.local(layer.weight.grad).add_(weight * ~mask, alpha=decay)

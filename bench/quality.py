@@ -1,0 +1,133 @@
+"""Validation perplexity of every method on the embedded corpus, over seeds, against dense.
+
+    python bench/quality.py --seeds 0 1 2 [--pretrain-steps 1250] [--retrain-fraction 0.25]
+
+Per seed, with the tiny Llama of recipes/tiny (real runs through `sparsedist train`, one
+process, MLflow store under the work dir):
+
+1. dense pretraining for `--pretrain-steps` (recipes/tiny/dense.yaml);
+2. one-shot 2:4 of that model: magnitude, Wanda, SparseGPT, ALPS (validation at step 0);
+3. retraining to 2:4 with `--retrain-fraction` of the pretraining tokens: STE, SR-STE, AST,
+   AST+SLoRB, CAST, and the dense model continued for as long (the fair ceiling);
+4. from scratch at the pretraining budget: `sparse_pretrain` and `sste` (dense = step 1).
+
+Prints a table of mean ± standard deviation over seeds and the ratio to the dense
+continuation, and writes it with this command line to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
+ONESHOT = ("magnitude", "wanda", "sparsegpt", "alps")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the table: a recipe and its overrides; `initial` reads the step-0 validation."""
+
+    label: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    initial: bool = False
+    stage: str = "retrain"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
+
+
+def cells(retrain_steps: int, pretrain_steps: int) -> list[Cell]:
+    retrain = (f"train.steps={retrain_steps}", f"schedule.warmup_steps={max(1, retrain_steps // 20)}")
+    scratch = (f"train.steps={pretrain_steps}",)
+    return [
+        Cell("dense, pretrained", "dense.yaml", scratch, stage="pretrain"),
+        *(Cell(f"one-shot {name}", "retrain.yaml", ("train.steps=1", f"sparsity={{method: ste, oneshot: {name}}}"),
+               initial=True, stage="one-shot") for name in ONESHOT),
+        Cell("dense, continued (ceiling)", "retrain.yaml", retrain),
+        Cell("STE", "ste.yaml", retrain),
+        Cell("SR-STE", "srste.yaml", retrain),
+        Cell("AST", "ast.yaml", retrain),
+        Cell("AST + SLoRB", "ast-slorb.yaml", retrain),
+        Cell("CAST", "cast.yaml", retrain),
+        Cell("sparse_pretrain (from scratch)", "sparse-pretrain.yaml", scratch, stage="scratch"),
+        Cell("S-STE (from scratch)", "sste.yaml", scratch, stage="scratch"),
+    ]
+
+
+def run_cell(cell: Cell, seed: int, workdir: Path, start: Path) -> float:
+    """Train one cell (unless its result is already there) and return its validation perplexity."""
+    out = workdir / f"seed{seed}" / cell.slug
+    result = out / "result.json"
+    if not result.exists():
+        overrides = [
+            f"train.seed={seed}", f"train.output_dir={out}", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+            "tracking.experiment=quality", f"tracking.run_name={cell.label} seed {seed}",
+            "parallel.nproc_per_node=1", "parallel.backend=none", "eval.sequences=null", "eval.interval=100000",
+            "checkpoint.interval=100000", "checkpoint.keep=1", "train.global_batch=16", "train.micro_batch=16",
+            *([] if cell.stage in ("pretrain", "scratch") else [f"model.pretrained={start}"]),
+            *cell.overrides,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
+        subprocess.run([sys.executable, "-m", "sparsedist", "train", str(RECIPES / cell.recipe), *overrides],
+                       check=True, env=env)
+        result.write_text(json.dumps({"val_ppl": read_ppl(workdir, out, cell.initial)}))
+    return json.loads(result.read_text())["val_ppl"]
+
+
+def read_ppl(workdir: Path, out: Path, initial: bool) -> float:
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads(sorted((out / "checkpoints").glob("step_*/trainer.json"))[-1].read_text())["mlflow_run_id"]
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    if initial:
+        return next(m.value for m in client.get_metric_history(run_id, "val_ppl") if m.step == 0)
+    return client.get_run(run_id).data.metrics["final_val_ppl"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pretrain-steps", type=int, default=1250)
+    parser.add_argument("--retrain-fraction", type=float, default=0.25)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    args = parser.parse_args()
+    retrain_steps = max(1, round(args.pretrain_steps * args.retrain_fraction))
+    table = cells(retrain_steps, args.pretrain_steps)
+    results: dict[str, list[float]] = {cell.label: [] for cell in table}
+    for seed in args.seeds:
+        start = None
+        for cell in table:
+            ppl = run_cell(cell, seed, args.workdir.resolve(), start)
+            results[cell.label].append(ppl)
+            if cell.stage == "pretrain":
+                start = args.workdir.resolve() / f"seed{seed}" / cell.slug / "model"
+    ceiling = statistics.mean(results["dense, continued (ceiling)"])
+    lines = ["| model | validation ppl (mean ± sd) | vs dense continued | seeds |", "|---|---|---|---|"]
+    for label, values in results.items():
+        mean = statistics.mean(values)
+        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+        lines.append(f"| {label} | {mean:.2f} ± {spread:.2f} | {mean / ceiling:.3f}× | {len(values)} |")
+    text = "\n".join(lines)
+    print(text)
+    command = " ".join(["python bench/quality.py", *sys.argv[1:]])
+    args.out.write_text(
+        "# Results\n\n## Validation perplexity by method (embedded corpus, tiny Llama)\n\n"
+        f"Command: `{command}` · pretraining {args.pretrain_steps} steps × 16 × 128 tokens · retraining "
+        f"{retrain_steps} steps ({args.retrain_fraction:.0%} of the pretraining tokens) · whole validation split "
+        f"(Hamlet, The Tempest, the Sonnets, Paradise Regained) · seeds {args.seeds}.\n\n{text}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""CAST (continuous adaptive sparse trainer, arXiv 2509.25996).
+
+The forward stays dense during training; only the optimizer uses the mask (progressive
+sparsification). AdamS (sparsity/adam.py) keeps the raw gradient EMA μ and builds
+μ̃ = (1−α_t)μ + α_t·λ·sign(W) on pruned slots (μ̃ = μ on kept ones), with α_t = t/T; the
+second moment and the step come from μ̃, which is never written back. Masks are
+recomputed every T₁ = 10 steps, before that step's update. Learnable weight scaling:
+A ∈ R^{out×n} (init 1) multiplies each contiguous segment of in/n inputs of a row; with
+4 | in/n a 2:4 group shares one scale, so scaling never changes which weights are kept.
+Self-distillation comes from the recipe's `distill` section. At the end the masks are
+recomputed, A is folded into W and W is hard-pruned.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsedist.sparsity.layer import SparseLinear
+from sparsedist.sparsity.methods.moment import MomentAdamMethod
+
+
+def expanded_scale(layer: SparseLinear, scale: torch.Tensor) -> torch.Tensor:
+    """[rows, n] segment scales as a [rows, in] factor."""
+    return scale.repeat_interleave(layer.in_features // scale.shape[1], dim=1)
+
+
+def scaled_weight(layer: SparseLinear) -> torch.Tensor:
+    """A⊙W, dense: CAST trains without masking the forward."""
+    return layer.weight * expanded_scale(layer, layer.scale).to(layer.weight.dtype)
+
+
+class CAST(MomentAdamMethod):
+    name = "cast"
+    transform = staticmethod(scaled_weight)
+
+    def extend(self, layer: SparseLinear) -> None:
+        segments = self.cfg.scale_segments
+        if layer.in_features % segments or (layer.in_features // segments) % self.cfg.m:
+            raise ValueError(f"sparsity.scale_segments: {layer.in_features} inputs do not split into {segments} "
+                             f"segments of whole groups of {self.cfg.m}")
+        layer.scale = nn.Parameter(torch.ones(layer.out_features, segments, device=layer.weight.device))
+
+    def alpha_at(self, step: int) -> float:
+        """α_t = t/T at optimizer step `step` (t = step + 1)."""
+        return (step + 1) / self.total_steps
+
+    def after_backward(self, step: int) -> None:
+        if step and step % self.cfg.refresh_interval == 0:
+            self.refresh_masks()  # before this step's update; step 0 has the initial masks
+
+    def after_step(self, step: int) -> None:
+        """Masks are refreshed before updates (after_backward), not after."""
+
+    def no_decay_parameters(self) -> set[int]:
+        return {id(layer.scale) for layer in self.layers.values()}
+
+    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """μ̃ = μ on kept slots, (1−α_t)μ + α_t·λ·sign(W) on pruned ones."""
+        alpha = self.alpha_at(self.step)
+        return torch.where(mask, momentum, (1 - alpha) * momentum + alpha * self.cfg.decay * weight.sign())
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Final masks, scales folded into W, hard prune."""
+        self.refresh_masks()
+        for layer, weight, mask in self.local_pieces():
+            scale = self.backend.local(layer.scale)
+            weight.mul_(expanded_scale(layer, scale)).mul_(mask)
+            scale.fill_(1.0)

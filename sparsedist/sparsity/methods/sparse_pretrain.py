@@ -1,0 +1,61 @@
+"""ICML'24 (Hu et al., "Accelerating Transformer Pre-training with 2:4 Sparsity").
+
+Transposable 2:4 masks (M and Mᵀ both 2:4, so the input-gradient product can also run
+sparse) recomputed every 40 steps; the masked decay α(1−M)⊙W added to the fp32 gradient
+after clipping; optionally the MVUE weight gradient; and the last fraction of training
+dense (plain F.linear on the full W), so the delivered model is dense.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparsedist.sparsity.gemm import sparse_gemm
+from sparsedist.sparsity.layer import Gemm, SparseLinear, dense_weight
+from sparsedist.sparsity.masks import pack_mask
+from sparsedist.sparsity.methods.base import SparsityMethod
+from sparsedist.sparsity.methods.ste import add_masked_decay, masked_ste_weight
+from sparsedist.sparsity.transposable import transposable_mask
+
+
+class SparsePretrain(SparsityMethod):
+    name = "sparse_pretrain"
+    transform = staticmethod(masked_ste_weight)
+
+    @property
+    def delivers_sparse(self) -> bool:
+        return self.dense_from >= self.total_steps
+
+    @property
+    def dense_from(self) -> int:
+        """First step of the dense fine-tuning phase (total steps when there is none)."""
+        return round(self.total_steps * (1 - self.cfg.dense_finetune_fraction))
+
+    def gemm(self) -> Gemm:
+        return sparse_gemm(mvue=True, fp8=False) if self.cfg.mvue else F.linear
+
+    def local_masks(self, layer: SparseLinear) -> torch.Tensor:
+        """Transposable masks need whole 4×4 blocks, which a row shard may cut: decide on the
+        gathered weight (the same on every rank) and keep this rank's rows."""
+        start, stop = self.backend.row_range(layer.weight)
+        return pack_mask(transposable_mask(self.backend.full_tensor(layer.weight))[start:stop])
+
+    def before_step(self, step: int) -> None:
+        if step >= self.dense_from:
+            for layer in self.layers.values():
+                layer.transform, layer.gemm = dense_weight, F.linear
+
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        if step < self.dense_from:
+            add_masked_decay(self, self.cfg.decay)
+
+    def after_step(self, step: int) -> None:
+        if step + 1 < self.dense_from:
+            super().after_step(step)
+
+    def finalize(self) -> None:
+        """With dense fine-tuning the model is dense by design; without, it is hard-pruned."""
+        if self.delivers_sparse:
+            super().finalize()
