@@ -167,7 +167,7 @@ def test_sste_forward_is_scaled_soft_threshold_with_frozen_beta_and_identity_bac
     _, method = setup("sste")
     layer = first(method)
     s = soft_threshold(layer.weight.detach())
-    beta = float((layer.weight * s).sum() / (s * s).sum())
+    beta = float((layer.weight.detach() * s).sum() / (s * s).sum())
     assert float(layer.beta) == pytest.approx(beta, rel=1e-5)
     assert "beta" in dict(layer.named_buffers()) and "beta" in layer.state_dict()  # persistent
     x = torch.randn(4, layer.in_features)
