@@ -51,7 +51,8 @@ def cells(retrain_steps: int, pretrain_steps: int) -> list[Cell]:
     scratch = (f"train.steps={pretrain_steps}",)
     return [
         Cell("dense, pretrained", "dense.yaml", scratch, stage="pretrain"),
-        *(Cell(f"one-shot {name}", "retrain.yaml", ("train.steps=1", f"sparsity={{method: ste, oneshot: {name}}}"),
+        *(Cell(f"one-shot {name}", "retrain.yaml",
+               ("train.steps=1", "schedule.warmup_steps=0", f"sparsity={{method: ste, oneshot: {name}}}"),
                initial=True, stage="one-shot") for name in ONESHOT),
         Cell("dense, continued (ceiling)", "retrain.yaml", retrain),
         Cell("STE", "ste.yaml", retrain),
@@ -78,8 +79,11 @@ def run_cell(cell: Cell, seed: int, workdir: Path, start: Path) -> float:
             *cell.overrides,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
-        subprocess.run([sys.executable, "-m", "sparsedist", "train", str(RECIPES / cell.recipe), *overrides],
-                       check=True, env=env)
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"seed {seed}: {cell.label} (log: {out / 'train.log'})", flush=True)
+        with open(out / "train.log", "w") as log:
+            subprocess.run([sys.executable, "-m", "sparsedist", "train", str(RECIPES / cell.recipe), *overrides],
+                           check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
         result.write_text(json.dumps({"val_ppl": read_ppl(workdir, out, cell.initial)}))
     return json.loads(result.read_text())["val_ppl"]
 
