@@ -44,9 +44,10 @@ def step_times(shape: dict, method: str, steps: int, device: torch.device) -> tu
     backend = ParallelBackend(ParallelConfig(backend="none"), Runtime(0, 1, 0, device))
     sparse = make_method(METHOD_CONFIGS[method](method=method), backend, total_steps=steps + 3)
     sparse.convert(model, FAMILIES["llama"])
-    sparse.init_state()
     optim = OptimConfig()
     optimizer = sparse.make_optimizer(param_groups(model, optim, sparse.no_decay_parameters()), optim)
+    model, optimizer = backend.prepare(model, optimizer)
+    sparse.init_state()
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device=device)
     times = []
     for step in range(steps + 3):
@@ -54,10 +55,9 @@ def step_times(shape: dict, method: str, steps: int, device: torch.device) -> tu
         start = time.perf_counter()
         sparse.before_step(step)
         loss = lm_loss(model(input_ids=tokens[:, :-1], use_cache=False).logits, tokens[:, 1:])
-        loss.backward()
-        sparse.after_backward(step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        backend.backward(model, loss, last=True)
+        backend.step(model, optimizer, optim.grad_clip,
+                     lambda tensors, first, step=step: sparse.before_update(step, tensors, first))
         sparse.after_step(step)
         _sync(device)
         if step >= 3:

@@ -15,12 +15,11 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from transformers import PreTrainedTokenizerFast
 
 from sparsedist.checkpoint.dcp import TRAINER_FILE
+from sparsedist.checkpoint.pieces import is_piece_checkpoint, load_module
 from sparsedist.config import Recipe
 from sparsedist.config.load import validate_recipe
 from sparsedist.config.schema import ParallelConfig
@@ -77,10 +76,11 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
     try:
         backend = ParallelBackend(ParallelConfig(backend="none"), runtime)
         tokenizer = load_tokenizer(recipe.data.dir / "tokenizer")
-        student = build_student(recipe, backend, tokenizer)
-        state = {"model": get_model_state_dict(student.model)}
-        dcp.load(state, checkpoint_id=checkpoint)
-        set_model_state_dict(student.model, state["model"])
+        student = build_student(recipe, backend, tokenizer, train=False)
+        if is_piece_checkpoint(checkpoint):  # written by the DeepSpeed backend
+            load_module(checkpoint, student.model)
+        else:
+            backend.load_state(checkpoint, student.model, None)
         student.method.finalize()
         export_state(backend.full_state_dict(student.model), recipe, student, tokenizer, out)
     finally:

@@ -18,16 +18,30 @@ from sparsedist.train.optim import param_groups
 
 LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=2, max_position_embeddings=64)
-BACKEND = ParallelBackend(ParallelConfig(backend="none"), Runtime(0, 1, 0, torch.device("cpu")))
 
 
 def setup(method: str, total_steps: int = 100, **sparsity):
+    """A tiny Llama converted by `method`, its optimizer prepared on the one-process backend, first masks."""
     cfg = ModelConfig(family="llama", config=LLAMA)
     model = build_model(cfg, model_config(cfg, 300, 32, 0), seed=0)
-    sparse = make_method(METHOD_CONFIGS[method](method=method, **sparsity), BACKEND, total_steps)
+    backend = ParallelBackend(ParallelConfig(backend="none"), Runtime(0, 1, 0, torch.device("cpu")))
+    sparse = make_method(METHOD_CONFIGS[method](method=method, **sparsity), backend, total_steps)
     sparse.convert(model, FAMILIES["llama"])
+    prepared_optimizer(model, sparse, OptimConfig())
     sparse.init_state()
     return model, sparse
+
+
+def prepared_optimizer(model, method, cfg: OptimConfig) -> torch.optim.Optimizer:
+    optimizer = method.make_optimizer(param_groups(model, cfg, method.no_decay_parameters()), cfg)
+    method.backend.prepare(model, optimizer)
+    return optimizer
+
+
+def before_update(method, step: int) -> None:
+    """What the backend does once gradients are reduced and clipped: the method's update hook."""
+    tensors = [p for group in method.backend.optimizer.param_groups for p in group["params"]]
+    method.before_update(step, tensors, first=True)
 
 
 def mask_of(layer: SparseLinear) -> torch.Tensor:
@@ -106,7 +120,7 @@ def test_ste_forward_masks_and_backward_passes_straight_through():
 def test_srste_adds_the_masked_decay_once_to_the_gradient():
     _, method = setup("srste", decay=0.01)
     grads = fake_gradients(method)
-    method.after_backward(step=0)
+    before_update(method, step=0)
     for name, layer in method.layers.items():
         torch.testing.assert_close(layer.weight.grad, grads[name] + 0.01 * (~mask_of(layer)) * layer.weight)
 
@@ -126,7 +140,7 @@ def test_sparse_pretrain_masks_are_transposable_and_decay_then_turn_dense():
         assert torch.equal(mask_of(layer), transposable_mask(layer.weight))
     assert method.dense_from == 9
     grads = fake_gradients(method)
-    method.after_backward(step=8)
+    before_update(method, step=8)
     layer = first(method)
     name = next(iter(method.layers))
     torch.testing.assert_close(layer.weight.grad, grads[name] + 0.02 * (~mask_of(layer)) * layer.weight)
@@ -136,7 +150,7 @@ def test_sparse_pretrain_masks_are_transposable_and_decay_then_turn_dense():
     method.before_step(9)  # the dense phase: full W, no decay, no refresh
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
     grads = fake_gradients(method, seed=1)
-    method.after_backward(step=9)
+    before_update(method, step=9)
     torch.testing.assert_close(layer.weight.grad, grads[name])
     before = {n: lay.weight.clone() for n, lay in method.layers.items()}
     method.finalize()
@@ -216,8 +230,7 @@ def reference_moment_adam(w, g_steps, u_of, lr, betas, eps, wd):
 
 
 def run_optimizer(method, model, steps: int, cfg: OptimConfig):
-    groups = param_groups(model, cfg, method.no_decay_parameters())
-    optimizer = method.make_optimizer(groups, cfg)
+    optimizer = prepared_optimizer(model, method, cfg)
     layer = first(method)
     w0 = layer.weight.detach().clone()
     grads = []
@@ -227,7 +240,7 @@ def run_optimizer(method, model, steps: int, cfg: OptimConfig):
         for p in model.parameters():
             p.grad = torch.randn_like(p) if p.requires_grad else None
         grads.append(layer.weight.grad.clone())
-        method.after_backward(step)
+        before_update(method, step)
         optimizer.step()
     return layer, w0, grads
 
@@ -280,10 +293,11 @@ def test_cast_adams_decays_pruned_slots_through_the_smoothed_moment_only():
 def test_cast_stored_momentum_is_the_raw_gradient_ema():
     model, method = setup("cast", total_steps=4, decay=0.5)
     cfg = OptimConfig(lr=1e-3, weight_decay=0.0)
-    optimizer = method.make_optimizer(param_groups(model, cfg, method.no_decay_parameters()), cfg)
+    optimizer = prepared_optimizer(model, method, cfg)
     layer = first(method)
     method.before_step(3)  # α = 1: μ̃ on pruned slots is pure decay
     layer.weight.grad = torch.randn_like(layer.weight)
+    before_update(method, 3)
     optimizer.step()
     torch.testing.assert_close(optimizer.state[layer.weight]["exp_avg"], 0.1 * layer.weight.grad)
 

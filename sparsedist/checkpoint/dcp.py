@@ -1,10 +1,11 @@
-"""Sharded checkpoints with torch DCP, written atomically.
+"""Sharded checkpoints, written atomically.
 
-Layout: `<dir>/step_00000100/` holds DCP's shard files and `.metadata` plus
-`trainer.json` (step, tokens, tracking run...). Every rank writes into
-`step_00000100.tmp/`; once all are done, rank 0 writes `trainer.json` and renames the
-folder, so a step directory exists only when it is complete. Resuming picks the
-newest complete one; a checkpoint may be loaded at another world size (DCP reshards).
+Layout: `<dir>/step_00000100/` holds the backend's shard files (torch DCP under FSDP2;
+per-rank pieces under DeepSpeed) plus `trainer.json` (step, tokens, tracking run...).
+Every rank writes into `step_00000100.tmp/`; once all are done, rank 0 writes
+`trainer.json` and renames the folder, so a step directory exists only when it is
+complete. Resuming picks the newest complete one; a checkpoint may be loaded at another
+world size (both backends reshard).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.optim import Optimizer
+
+from sparsedist.parallel.backend import ParallelBackend
 
 TRAINER_FILE = "trainer.json"
 
@@ -27,10 +28,11 @@ TRAINER_FILE = "trainer.json"
 class Checkpointer:
     """Saves and restores model, optimizer and trainer state under one folder."""
 
-    def __init__(self, root: Path, keep: int, is_main: bool):
+    def __init__(self, root: Path, keep: int, backend: ParallelBackend):
         self.root = root
         self.keep = keep
-        self.is_main = is_main
+        self.backend = backend
+        self.is_main = backend.runtime.is_main
 
     def complete_steps(self) -> list[Path]:
         """Complete step folders, oldest first."""
@@ -50,8 +52,7 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted save
             staging.mkdir(parents=True)
         _barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=staging)
+        self.backend.save_state(staging, model, optimizer)
         _barrier()
         if self.is_main:
             _write_json(staging / TRAINER_FILE, {**trainer_state, "step": step})
@@ -66,10 +67,7 @@ class Checkpointer:
         """Restore model and optimizer in place; returns the trainer state."""
         if not (path / TRAINER_FILE).is_file():
             raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no {TRAINER_FILE})")
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.backend.load_state(path, model, optimizer)
         return json.loads((path / TRAINER_FILE).read_text())
 
 

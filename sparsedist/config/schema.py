@@ -59,13 +59,21 @@ class DistillConfig(Section):
 class ParallelConfig(Section):
     """How the run is laid out over processes."""
 
-    backend: Literal["fsdp2", "none"] = "fsdp2"
-    """`fsdp2`: fully_shard per block and on the root; `none`: one process, no sharding."""
+    backend: Literal["fsdp2", "deepspeed", "none"] = "fsdp2"
+    """`fsdp2`: fully_shard per block and on the root; `deepspeed`: ZeRO at `zero_stage`;
+    `none`: one process, no sharding."""
     nnodes: int = Field(1, gt=0)
     nproc_per_node: int = Field(1, gt=0)
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
     """Compute dtype; master weights, gradient reduction and optimizer state stay fp32."""
     reshard_after_forward: bool = True
+    """fsdp2: free the gathered parameters of a block after its forward."""
+    zero_stage: Literal[1, 2, 3] = 3
+    """deepspeed: partition optimizer state (1), and gradients (2), and parameters (3)."""
+    offload_optimizer: bool = False
+    """deepspeed: keep the optimizer state and step on the CPU (ZeRO-Offload)."""
+    deepspeed_config: Path | None = None
+    """deepspeed: a JSON file merged over the configuration generated from the recipe."""
 
     @property
     def world_size(self) -> int:
@@ -77,6 +85,11 @@ class ParallelConfig(Section):
             raise ValueError(
                 f"parallel.backend: 'none' runs one process, but nnodes × nproc_per_node = {self.world_size}"
             )
+        if self.deepspeed_config is not None:
+            if self.backend != "deepspeed":
+                raise ValueError("parallel.deepspeed_config: only used with parallel.backend 'deepspeed'")
+            if not self.deepspeed_config.is_file():
+                raise ValueError(f"parallel.deepspeed_config: {self.deepspeed_config} is not a file")
         return self
 
 

@@ -1,36 +1,89 @@
 """The parallel layer: what the trainer and the sparsity methods may ask of a sharding backend.
 
-A method never branches on the backend. It asks for the local piece of a parameter
-(whole rows, see `local`), for global sums, and leaves wrapping, gradient sync,
-clipping and state dicts to the backend.
+A method never branches on the backend. It asks for this rank's `piece` of a parameter
+(the fp32 master values its optimizer updates, flat, with their offset in the full
+tensor), for the full tensor and to write one back (`full_tensor`, `set_full`), for
+global sums, and leaves wrapping, backward, clipping, the optimizer step and state to
+the backend. Backends whose local pieces are whole rows (`whole_rows`) also let a
+method decide row-local things (N:M masks) on the local rows without a gather.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from sparsedist.config.schema import ParallelConfig
+from sparsedist.config.schema import ParallelConfig, Recipe
 from sparsedist.parallel.runtime import Runtime
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+@dataclass
+class Piece:
+    """This rank's share of a parameter's fp32 master values: what its optimizer updates."""
+
+    weight: torch.Tensor
+    """1-D writable view."""
+    grad: torch.Tensor | None
+    """1-D writable view of the reduced (and clipped) gradient, while one exists."""
+    start: int
+    """Offset of weight[0] in the flattened full parameter."""
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.weight.numel()
+
+
+OptimizerLayout = list[tuple[torch.Tensor, list[tuple[nn.Parameter, int]]]]
+"""Per tensor the optimizer updates: the model parameters whose pieces it holds, at which offsets."""
+
+UpdateHook = Callable[[list[torch.Tensor], bool], None]
+"""Called with optimizer tensors whose gradients are reduced and clipped, right before their
+update; the flag is True on the first call of a step. A backend calls it once per step with
+every tensor, or (DeepSpeed) once per parameter group."""
+
+
 class ParallelBackend:
     """One process, no sharding: the reference every sharded backend must agree with."""
+
+    whole_rows = True
+    """Local pieces are whole rows of each parameter (row-local decisions need no gather)."""
 
     def __init__(self, cfg: ParallelConfig, runtime: Runtime):
         self.cfg = cfg
         self.runtime = runtime
+        self.optimizer: torch.optim.Optimizer | None = None
 
     def wrap(self, model: nn.Module, blocks: nn.ModuleList) -> nn.Module:
         """Place the model for training (or, frozen, for inference as a teacher)."""
         model.to(self.runtime.device)
+        return model
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+                ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+        """Bind the wrapped model and its optimizer (DeepSpeed builds its engine here)."""
+        self.optimizer = optimizer
+        return model, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The model's own module (under DeepSpeed, the engine's)."""
         return model
 
     def autocast(self) -> torch.autocast:
@@ -50,19 +103,48 @@ class ParallelBackend:
         """[start, stop) of this rank's rows of `param` in the full tensor."""
         return 0, param.shape[0]
 
+    def piece(self, param: torch.Tensor) -> Piece:
+        """This rank's master values of `param` (its local rows, flattened)."""
+        weight = self.local(param)
+        grad = None if param.grad is None else self.local(param.grad).view(-1)
+        start = self.row_range(param)[0] * (param.numel() // max(1, param.shape[0]))
+        return Piece(weight.view(-1), grad, start)
+
+    def optimizer_layout(self) -> OptimizerLayout:
+        """The tensors the prepared optimizer updates; here each parameter is its own."""
+        return [(p, [(p, 0)]) for group in self.optimizer.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def set_full(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        """Write this rank's share of `param` (master and model copies) from its full value (all ranks call)."""
+        start, stop = self.row_range(param)
+        self.local(param).copy_(value[start:stop])
+
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sums of `values` over all ranks (float64)."""
-        return list(values)
+        if self.runtime.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.runtime.device)
+        dist.all_reduce(t)
+        return t.tolist()
 
-    def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
-        """Skip (False) or perform (True) the gradient reduction of the next backward."""
+    def backward(self, model: nn.Module, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch; gradients are reduced across ranks after the `last` one."""
+        loss.backward()
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> float:
-        """Global gradient norm before clipping; clip to `max_norm` when given."""
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None,
+             update_hook: UpdateHook) -> float:
+        """Clip to `max_norm` (when given), call `update_hook`, step and zero the gradients.
+        Returns the global gradient norm before clipping."""
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
         if max_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        update_hook([p for group in optimizer.param_groups for p in group["params"]], True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -71,6 +153,26 @@ class ParallelBackend:
 
     def after_eval(self, model: nn.Module) -> None:
         """Return the model to its training layout after forward-only calls."""
+
+    def save_state(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Write model and optimizer state under `path` (torch DCP: sharded, reshardable)."""
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+
+    def load_state(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Restore what `save_state` wrote, at this world size; without an optimizer, the model only.
+        An optimizer with an `init_state()` creates its state there, instead of by DCP's zero step."""
+        if optimizer is None:
+            state = {"model": get_model_state_dict(model)}
+            dcp.load(state, checkpoint_id=path)
+            set_model_state_dict(model, state["model"])
+            return
+        if hasattr(optimizer, "init_state"):
+            optimizer.init_state()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 class FSDP2Backend(ParallelBackend):
@@ -112,23 +214,10 @@ class FSDP2Backend(ParallelBackend):
             raise RuntimeError(f"rows [{start}, {stop}) do not match the local shard of {local_rows} rows")
         return start, stop
 
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.runtime.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
+    def backward(self, model: nn.Module, loss: torch.Tensor, last: bool) -> None:
         assert isinstance(model, FSDPModule)
-        model.set_requires_gradient_sync(enabled)
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> float:
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return float(norm)
+        model.set_requires_gradient_sync(last)
+        loss.backward()
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -139,11 +228,16 @@ class FSDP2Backend(ParallelBackend):
         model.reshard()
 
 
-def make_backend(cfg: ParallelConfig, runtime: Runtime) -> ParallelBackend:
+def make_backend(recipe: Recipe, runtime: Runtime) -> ParallelBackend:
     """The backend the recipe names, checked against the launched world size."""
+    cfg = recipe.parallel
     if runtime.world_size != cfg.world_size:
         raise RuntimeError(
             f"parallel: the recipe expects {cfg.world_size} processes (nnodes × nproc_per_node) "
             f"but {runtime.world_size} were launched"
         )
+    if cfg.backend == "deepspeed":
+        from sparsedist.parallel.zero import ZeroBackend  # imports deepspeed: only when asked for
+
+        return ZeroBackend(recipe, runtime)
     return FSDP2Backend(cfg, runtime) if cfg.backend == "fsdp2" else ParallelBackend(cfg, runtime)

@@ -32,6 +32,22 @@ class MomentAdam(torch.optim.Optimizer):
         self.modify = modify
 
     @torch.no_grad()
+    def init_state(self) -> None:
+        """Create zero moments for every parameter without a step (checkpoint loaders call it:
+        DCP would otherwise take a zero-gradient step, which `modify` must not see)."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                self._state(param)
+
+    def _state(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        return state
+
+    @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -39,11 +55,7 @@ class MomentAdam(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
+                state = self._state(param)
                 state["step"] += 1
                 t = float(state["step"])
                 w, g = self.local(param), self.local(param.grad)

@@ -28,10 +28,7 @@ def soft_threshold(weight: torch.Tensor) -> torch.Tensor:
 
 
 def soft_threshold_scale_terms(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(⟨W, S(W)⟩, ⟨S(W), S(W)⟩) as float64 scalars, summed over this tensor's rows.
-
-    Row shards may all-reduce these partial sums and divide; an empty shard gives (0, 0).
-    """
+    """(⟨W, S(W)⟩, ⟨S(W), S(W)⟩) as float64 scalars, summed over this tensor's rows."""
     weight = weight.detach().to(torch.float64)
     projected = soft_threshold(weight)
     return (weight * projected).sum(), (projected * projected).sum()

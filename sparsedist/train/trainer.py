@@ -26,7 +26,7 @@ from sparsedist.tracking import Tracker
 from sparsedist.tracking.mlflow_run import git_revision, hardware
 from sparsedist.train.evaluate import evaluate
 from sparsedist.train.losses import training_loss
-from sparsedist.train.optim import lr_factor, param_groups, set_lr
+from sparsedist.train.optim import lr_factor, set_lr
 from sparsedist.train.student import build_student
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, runtime: Runtime):
         self.recipe = recipe
         self.runtime = runtime
-        self.backend = make_backend(recipe.parallel, runtime)
+        self.backend = make_backend(recipe, runtime)
         self.output_dir: Path = recipe.train.output_dir
 
         if runtime.is_main:
@@ -60,10 +60,8 @@ class Trainer:
         torch.distributed.barrier()
         self.tokenizer = load_tokenizer(recipe.data.dir / "tokenizer")
         self.student = build_student(recipe, self.backend, self.tokenizer)
-        self.model, self.method = self.student.model, self.student.method
+        self.model, self.method, self.optimizer = self.student.model, self.student.method, self.student.optimizer
         self.teacher = self._build_teacher()
-        groups = param_groups(self.model, recipe.optim, self.method.no_decay_parameters())
-        self.optimizer = self.method.make_optimizer(groups, recipe.optim)
 
         t, d = recipe.train, recipe.data
         self.train_data = TokenBatches(d.dir / "train", d.seq_len, t.global_batch, t.micro_batch,
@@ -71,7 +69,7 @@ class Trainer:
         self.eval_data = eval_batches(d.dir / "valid", d.seq_len, recipe.eval.micro_batch,
                                       runtime.rank, runtime.world_size, recipe.eval.sequences)
         self.tokens_per_step = t.global_batch * d.seq_len
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", recipe.checkpoint.keep, runtime.is_main)
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", recipe.checkpoint.keep, self.backend)
         self.tracker = Tracker(recipe.tracking, runtime.is_main)
 
     def _build_teacher(self) -> torch.nn.Module | None:
@@ -142,18 +140,15 @@ class Trainer:
         parts_sum: dict[str, float] = {}
         for i, (inputs, labels) in enumerate(micro_batches):
             inputs, labels = inputs.to(device), labels.to(device)
-            self.backend.set_gradient_sync(self.model, i == len(micro_batches) - 1)
             with self.backend.autocast():
                 logits = self.model(input_ids=inputs, use_cache=False).logits
                 teacher_logits = self._teacher_logits(inputs)
                 loss, parts = training_loss(logits, labels, teacher_logits, r.distill)
-            (loss / len(micro_batches)).backward()
+            self.backend.backward(self.model, loss / len(micro_batches), last=i == len(micro_batches) - 1)
             for key, value in {"loss": loss.item(), **parts}.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value / len(micro_batches)
-        grad_norm = self.backend.clip_grad_norm(self.model, r.optim.grad_clip)
-        self.method.after_backward(step)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.backend.step(self.model, self.optimizer, r.optim.grad_clip,
+                                      lambda tensors, first: self.method.before_update(step, tensors, first))
         self.method.after_step(step)
         elapsed = time.perf_counter() - started
         return {**parts_sum, "lr": lr, "grad_norm": grad_norm, "tokens": (step + 1) * self.tokens_per_step,

@@ -48,9 +48,10 @@ class AST(MomentAdamMethod):
     def init_state(self) -> None:
         super().init_state()
         if self.cfg.slorb:
-            for layer, weight, mask in self.local_pieces():
-                pruned = (weight * ~mask).reshape(weight.shape[0], -1, self.cfg.slorb_k)
-                self.backend.local(layer.branch.s).copy_(pruned.mean(-1))
+            for layer in self.layers.values():
+                weight = self.backend.full_tensor(layer.weight)
+                pruned = (weight * ~self.full_mask(layer)).reshape(weight.shape[0], -1, self.cfg.slorb_k)
+                self.backend.set_full(layer.branch.s, pruned.mean(-1))
 
     def decay_at(self, step: int) -> float:
         """λ(t) = λ_max·min(t/T₀, 1) at optimizer step `step` (t = step + 1)."""

@@ -11,9 +11,9 @@ from torch import nn
 from sparsedist.config.schema import OptimConfig
 from sparsedist.config.sparsity import SparsityConfig
 from sparsedist.models.families import Family
-from sparsedist.parallel.backend import ParallelBackend
+from sparsedist.parallel.backend import ParallelBackend, Piece
 from sparsedist.sparsity.layer import Gemm, SparseLinear, dense_weight
-from sparsedist.sparsity.masks import count_flips, count_ones, nm_mask, pack_mask, unpack_mask
+from sparsedist.sparsity.masks import count_flips, nm_mask, pack_mask, unpack_mask
 
 
 def target_linears(model: nn.Module, family: Family, cfg: SparsityConfig) -> list[tuple[str, nn.Linear]]:
@@ -35,16 +35,22 @@ class SparsityMethod:
     """One N:M training method, as the trainer sees it.
 
     Life of a run: `convert` (before the parallel wrap: which weights it owns, and any
-    parameters it adds) → `init_state` (after the wrap: first masks) → per step
-    `before_step`, `after_backward` (gradients reduced and clipped, optimizer not stepped) and
-    `after_step` (optimizer stepped) → `finalize` (the model the run delivers). Its
-    state lives in the model as parameters and persistent buffers, so checkpoints,
-    sharding and resumption carry it with the weights.
+    parameters it adds) → `init_state` (after the optimizer is prepared: first masks) →
+    per step `before_step`, `before_update` (gradients reduced and clipped, right before
+    the optimizer updates; see `after_backward` and `gradient_term`) and `after_step` →
+    `finalize` (the model the run delivers). Its state lives in the model as parameters
+    and persistent buffers, so checkpoints, sharding and resumption carry it with the weights.
+
+    A method sees parameters through the backend only: full tensors (`full_tensor`,
+    `set_full`, collectives) for rare whole-tensor work, and this rank's flat `piece`s for
+    per-step element-wise work, with the mask sliced to the same range (`mask_piece`).
     """
 
     name: ClassVar[str]
     delivers_sparse: bool = True
     """Whether `finalize` leaves every owned weight exactly N:M (the export verifies it)."""
+    row_local: bool = True
+    """Whether `decide` may run on any whole rows (N:M groups); False for 4×4 blocks."""
     transform = staticmethod(dense_weight)
     """The weight the forward uses, from the layer (dense weight, packed mask, extra state)."""
 
@@ -54,6 +60,7 @@ class SparsityMethod:
         self.total_steps = total_steps
         self.layers: dict[str, SparseLinear] = {}
         self.last_flip_rate: float | None = None
+        self._update_masks: dict[int, torch.Tensor | None] = {}
 
     # --- the moments of a run ------------------------------------------------------------
 
@@ -66,26 +73,44 @@ class SparsityMethod:
             self.layers[name] = layer
 
     def init_state(self) -> None:
-        """First masks, from the (possibly pretrained) weights, after the parallel wrap."""
+        """First masks, from the (possibly pretrained) weights, once the optimizer is prepared."""
         self.refresh_masks()
         self.last_flip_rate = None
 
     def before_step(self, step: int) -> None:
         """Optimizer step `step` (0-based) is about to run its forward passes."""
 
+    def before_update(self, step: int, tensors: list[torch.Tensor], first: bool) -> None:
+        """`tensors` of the optimizer have reduced, clipped gradients and are about to be updated;
+        `first` marks the first call of the step (all ranks, in the same order)."""
+        if first:
+            self.after_backward(step)
+            self._update_masks = self.update_masks() if self.masks_in_update(step) else {}
+        for tensor in tensors:
+            self.gradient_term(step, tensor)
+
     def after_backward(self, step: int) -> None:
-        """Gradients are reduced across ranks and clipped; the optimizer has not stepped."""
+        """Once per step, before any update: whole-step work (collectives allowed)."""
+
+    def gradient_term(self, step: int, tensor: torch.Tensor) -> None:
+        """Add a term to the gradient of one optimizer tensor (after reduction and clipping)."""
+
+    def masks_in_update(self, step: int) -> bool:
+        """Whether this step's update needs masks aligned with the optimizer's tensors."""
+        return False
 
     def after_step(self, step: int) -> None:
         """The optimizer has stepped `step` (0-based): refresh masks on schedule."""
+        self._update_masks = {}
         if (step + 1) % self.cfg.refresh_interval == 0:
             self.refresh_masks()
 
     @torch.no_grad()
     def finalize(self) -> None:
         """Hard-prune: the delivered weights are exactly N:M sparse."""
-        for _, weight, mask in self.local_pieces():
-            weight.mul_(mask)
+        for layer in self.layers.values():
+            weight = self.backend.full_tensor(layer.weight)
+            self.backend.set_full(layer.weight, weight * self.full_mask(layer))
 
     # --- what a method may customise -----------------------------------------------------
 
@@ -96,9 +121,9 @@ class SparsityMethod:
     def extend(self, layer: SparseLinear) -> None:
         """Add method state to a freshly converted layer (before sharding)."""
 
-    def local_masks(self, layer: SparseLinear) -> torch.Tensor:
-        """New packed mask bits for this rank's rows of `layer`."""
-        return pack_mask(nm_mask(self.backend.local(layer.weight), self.cfg.n, self.cfg.m))
+    def decide(self, weight: torch.Tensor) -> torch.Tensor:
+        """The bool mask of whole rows of a weight (N:M magnitude by default)."""
+        return nm_mask(weight, self.cfg.n, self.cfg.m)
 
     def no_decay_parameters(self) -> set[int]:
         """ids of matrices the optimizer's weight decay must not touch (e.g. learnable scales)."""
@@ -110,28 +135,78 @@ class SparsityMethod:
 
     # --- shared bookkeeping --------------------------------------------------------------
 
-    def local_pieces(self) -> list[tuple[SparseLinear, torch.Tensor, torch.Tensor]]:
-        """(layer, local weight rows, local bool mask rows) for every owned layer."""
-        pieces = []
+    def full_mask(self, layer: SparseLinear) -> torch.Tensor:
+        """The whole bool mask of a layer (a collective on partitioned backends)."""
+        return unpack_mask(self.backend.full_tensor(layer.mask), layer.in_features)
+
+    def mask_piece(self, layer: SparseLinear, piece: Piece) -> torch.Tensor:
+        """The flat bool mask of `piece` of the layer's weight (a collective where masks are partitioned)."""
+        cols = layer.in_features
+        if self.backend.whole_rows:
+            mask = unpack_mask(self.backend.local(layer.mask), cols).reshape(-1)
+        else:
+            first, last = piece.start // cols, -(-piece.stop // cols)
+            bits = self.backend.full_tensor(layer.mask)[first:last]
+            mask = unpack_mask(bits, cols).reshape(-1)[piece.start - first * cols: piece.stop - first * cols]
+        if mask.numel() != piece.weight.numel():
+            raise RuntimeError(f"mask piece of {mask.numel()} elements for a weight piece of "
+                               f"{piece.weight.numel()}: misaligned sharding")
+        return mask
+
+    def local_pieces(self) -> list[tuple[SparseLinear, Piece, torch.Tensor]]:
+        """(layer, this rank's weight piece, its flat bool mask) for every owned layer (all ranks call)."""
+        out = []
         for layer in self.layers.values():
-            weight, bits = self.backend.local(layer.weight), self.backend.local(layer.mask)
-            if weight.shape[0] != bits.shape[0]:
-                raise RuntimeError(
-                    f"mask shard of {weight.shape[0]} weight rows holds {bits.shape[0]} rows: misaligned sharding"
-                )
-            pieces.append((layer, weight, unpack_mask(bits, layer.in_features)))
-        return pieces
+            piece = self.backend.piece(layer.weight)
+            out.append((layer, piece, self.mask_piece(layer, piece)))
+        return out
+
+    def update_masks(self) -> dict[int, torch.Tensor | None]:
+        """Per optimizer tensor (by id): the bool mask aligned with its local values, or None where
+        it holds no sparse weight. Every tensor gets an entry: a missing one is an error, not dense."""
+        pieces = {id(layer.weight): mask for layer, _, mask in self.local_pieces()}
+        out: dict[int, torch.Tensor | None] = {}
+        for tensor, members in self.backend.optimizer_layout():
+            local = self.backend.local(tensor)
+            mask = None
+            for param, offset in members:
+                if id(param) in pieces:
+                    if mask is None:
+                        mask = torch.ones(local.numel(), dtype=torch.bool, device=local.device)
+                    piece_mask = pieces[id(param)]
+                    mask[offset: offset + piece_mask.numel()] = piece_mask
+            out[id(tensor)] = None if mask is None else mask.view(local.shape)
+        return out
+
+    def update_mask(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The mask aligned with an optimizer tensor for this step's update (None: no sparse weight)."""
+        try:
+            return self._update_masks[id(tensor)]
+        except KeyError:
+            raise RuntimeError("an optimizer tensor has no mask aligned with it: masks_in_update was not "
+                               "prepared for this step, or the optimizer holds a tensor the backend did not "
+                               "report") from None
 
     @torch.no_grad()
     def refresh_masks(self) -> None:
-        """Recompute every mask on this rank's rows and record the global flip rate."""
+        """Recompute every mask and record the global flip rate. Row-local decisions run on the local
+        rows where the backend shards whole rows; others on the gathered weight, alike on every rank."""
         flips = elements = 0
+        local = self.backend.whole_rows and self.row_local
         for layer in self.layers.values():
-            bits = self.backend.local(layer.mask)
-            new_bits = self.local_masks(layer)
-            flips += count_flips(bits, new_bits)
-            elements += self.backend.local(layer.weight).numel()
-            bits.copy_(new_bits)
+            if local:
+                bits = self.backend.local(layer.mask)
+                new_bits = pack_mask(self.decide(self.backend.local(layer.weight)))
+                flips += count_flips(bits, new_bits)
+                elements += self.backend.local(layer.weight).numel()
+                bits.copy_(new_bits)
+            else:
+                old_bits = self.backend.full_tensor(layer.mask)
+                new_bits = pack_mask(self.decide(self.backend.full_tensor(layer.weight)))
+                if self.backend.runtime.is_main:  # the same full tensors on every rank: count once
+                    flips += count_flips(old_bits, new_bits)
+                    elements += layer.weight.shape[0] * layer.in_features
+                self.backend.set_full(layer.mask, new_bits)
         flips, elements = self.backend.all_reduce_sum([flips, elements])
         self.last_flip_rate = flips / elements if elements else 0.0
 
@@ -142,10 +217,10 @@ class SparsityMethod:
         if not self.layers:
             return {}
         kept = total = pruned_sq = all_sq = 0.0
-        for layer, weight, mask in self.local_pieces():
-            kept += count_ones(self.backend.local(layer.mask))
-            total += weight.numel()
-            sq = weight.double().square()
+        for _, piece, mask in self.local_pieces():
+            kept += float(mask.sum())
+            total += mask.numel()
+            sq = piece.weight.double().square()
             pruned_sq += float(sq[~mask].sum())
             all_sq += float(sq.sum())
         kept, total, pruned_sq, all_sq = self.backend.all_reduce_sum([kept, total, pruned_sq, all_sq])

@@ -64,7 +64,7 @@ class CAST(MomentAdamMethod):
     def finalize(self) -> None:
         """Final masks, scales folded into W, hard prune."""
         self.refresh_masks()
-        for layer, weight, mask in self.local_pieces():
-            scale = self.backend.local(layer.scale)
-            weight.mul_(expanded_scale(layer, scale)).mul_(mask)
-            scale.fill_(1.0)
+        for layer in self.layers.values():
+            weight, scale = self.backend.full_tensor(layer.weight), self.backend.full_tensor(layer.scale)
+            self.backend.set_full(layer.weight, weight * expanded_scale(layer, scale) * self.full_mask(layer))
+            self.backend.set_full(layer.scale, torch.ones_like(scale))

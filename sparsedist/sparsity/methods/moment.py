@@ -6,8 +6,6 @@ import torch
 
 from sparsedist.config.schema import OptimConfig
 from sparsedist.sparsity.adam import MomentAdam
-from sparsedist.sparsity.layer import SparseLinear
-from sparsedist.sparsity.masks import unpack_mask
 from sparsedist.sparsity.methods.base import SparsityMethod
 
 
@@ -17,22 +15,22 @@ class MomentAdamMethod(SparsityMethod):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.step = 0
-        self._layer_of: dict[int, SparseLinear] = {}
 
     def before_step(self, step: int) -> None:
         self.step = step
 
+    def masks_in_update(self, step: int) -> bool:
+        return True
+
     def make_optimizer(self, groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-        self._layer_of = {id(layer.weight): layer for layer in self.layers.values()}
         return MomentAdam(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, self.backend.local, self._moment)
 
-    def _moment(self, param: torch.Tensor, weight: torch.Tensor, momentum: torch.Tensor) -> torch.Tensor:
-        layer = self._layer_of.get(id(param))
-        if layer is None:
-            return momentum  # a dense parameter: u = m
-        mask = unpack_mask(self.backend.local(layer.mask), layer.in_features)
+    def _moment(self, tensor: torch.Tensor, weight: torch.Tensor, momentum: torch.Tensor) -> torch.Tensor:
+        mask = self.update_mask(tensor)
+        if mask is None:
+            return momentum  # no sparse weight in this tensor: u = m
         return self.smoothed_moment(weight, momentum, mask)
 
     def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """u from this rank's rows of W, m and the bool mask, at step `self.step`."""
+        """u from this rank's values of W, m and the aligned bool mask, at step `self.step`."""
         raise NotImplementedError

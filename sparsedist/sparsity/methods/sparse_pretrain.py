@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsedist.sparsity.gemm import sparse_gemm
-from sparsedist.sparsity.layer import Gemm, SparseLinear, dense_weight
-from sparsedist.sparsity.masks import pack_mask
+from sparsedist.sparsity.layer import Gemm, dense_weight
 from sparsedist.sparsity.methods.base import SparsityMethod
 from sparsedist.sparsity.methods.ste import add_masked_decay, masked_ste_weight
 from sparsedist.sparsity.transposable import transposable_mask
@@ -22,6 +21,7 @@ from sparsedist.sparsity.transposable import transposable_mask
 class SparsePretrain(SparsityMethod):
     name = "sparse_pretrain"
     transform = staticmethod(masked_ste_weight)
+    row_local = False  # 4×4 blocks: a row shard may cut them, so decide on the gathered weight
 
     @property
     def delivers_sparse(self) -> bool:
@@ -35,25 +35,26 @@ class SparsePretrain(SparsityMethod):
     def gemm(self) -> Gemm:
         return sparse_gemm(mvue=True, fp8=False) if self.cfg.mvue else F.linear
 
-    def local_masks(self, layer: SparseLinear) -> torch.Tensor:
-        """Transposable masks need whole 4×4 blocks, which a row shard may cut: decide on the
-        gathered weight (the same on every rank) and keep this rank's rows."""
-        start, stop = self.backend.row_range(layer.weight)
-        return pack_mask(transposable_mask(self.backend.full_tensor(layer.weight))[start:stop])
+    def decide(self, weight: torch.Tensor) -> torch.Tensor:
+        return transposable_mask(weight)
 
     def before_step(self, step: int) -> None:
         if step >= self.dense_from:
             for layer in self.layers.values():
                 layer.transform, layer.gemm = dense_weight, F.linear
 
-    @torch.no_grad()
-    def after_backward(self, step: int) -> None:
+    def masks_in_update(self, step: int) -> bool:
+        return step < self.dense_from
+
+    def gradient_term(self, step: int, tensor: torch.Tensor) -> None:
         if step < self.dense_from:
-            add_masked_decay(self, self.cfg.decay)
+            add_masked_decay(self, tensor, self.cfg.decay)
 
     def after_step(self, step: int) -> None:
         if step + 1 < self.dense_from:
             super().after_step(step)
+        else:
+            self._update_masks = {}
 
     def finalize(self) -> None:
         """With dense fine-tuning the model is dense by design; without, it is hard-pruned."""

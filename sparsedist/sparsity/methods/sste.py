@@ -2,8 +2,8 @@
 
 Every forward uses W̃ = β·S(W), where S keeps the two largest |w| of each group of 4
 shrunk by the group's second-smallest |w| (continuous in W, no stored mask, no decay).
-β = ⟨W, S(W)⟩/⟨S(W), S(W)⟩ is computed once, right after initialisation, from sums
-reduced over all ranks, kept as a persistent buffer (checkpointed, never recomputed on
+β = ⟨W, S(W)⟩/⟨S(W), S(W)⟩ is computed once, right after initialisation, from the
+gathered weight, kept as a persistent buffer (checkpointed, never recomputed on
 resume). The backward is the identity STE: ∂L/∂W := ∂L/∂W̃, with no β or mask factor.
 The mask parameter records the support of S(W) for flip-rate monitoring only.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from sparsedist.sparsity.gemm import sparse_gemm
 from sparsedist.sparsity.layer import Gemm, SparseLinear, straight_through
 from sparsedist.sparsity.methods.base import SparsityMethod
-from sparsedist.sparsity.soft_threshold import soft_threshold, soft_threshold_scale_terms
+from sparsedist.sparsity.soft_threshold import soft_threshold, soft_threshold_scale
 
 
 def soft_threshold_weight(layer: SparseLinear) -> torch.Tensor:
@@ -37,10 +37,8 @@ class SSTE(SparsityMethod):
     @torch.no_grad()
     def init_state(self) -> None:
         super().init_state()
-        terms = [soft_threshold_scale_terms(self.backend.local(layer.weight)) for layer in self.layers.values()]
-        sums = self.backend.all_reduce_sum([float(t) for pair in terms for t in pair])
-        for i, layer in enumerate(self.layers.values()):
-            layer.beta.fill_(sums[2 * i] / sums[2 * i + 1])
+        for layer in self.layers.values():
+            layer.beta.fill_(soft_threshold_scale(self.backend.full_tensor(layer.weight)))
 
     def after_step(self, step: int) -> None:
         self.refresh_masks()  # S(W) changes at every step; its support is monitored every step
@@ -49,7 +47,7 @@ class SSTE(SparsityMethod):
     def finalize(self) -> None:
         """Deliver the forward weights: W ← β·S(W), then β = 1 (S of a 2:4 weight is itself)."""
         for layer in self.layers.values():
-            weight = self.backend.local(layer.weight)
-            weight.copy_(layer.beta * soft_threshold(weight))
+            weight = self.backend.full_tensor(layer.weight)
+            self.backend.set_full(layer.weight, layer.beta.float() * soft_threshold(weight))
             layer.beta.fill_(1.0)
         self.refresh_masks()

@@ -24,20 +24,24 @@ class STE(SparsityMethod):
 class SRSTE(STE):
     """SR-STE (Zhou et al. 2021): STE plus the masked decay λ(1−M)⊙W on the gradient.
 
-    The decay is added once per optimizer step, on each rank's local rows, after the
-    gradients were reduced across ranks and clipped: added before a sum over ranks it
-    would be multiplied by the world size, and it does not count towards the clipped norm.
+    The decay is added once per optimizer step, on each rank's piece, after the gradients
+    were reduced across ranks and clipped: added before a sum over ranks it would be
+    multiplied by the world size, and it does not count towards the clipped norm.
     """
 
     name = "srste"
 
-    @torch.no_grad()
-    def after_backward(self, step: int) -> None:
-        add_masked_decay(self, self.cfg.decay)
+    def masks_in_update(self, step: int) -> bool:
+        return True
+
+    def gradient_term(self, step: int, tensor: torch.Tensor) -> None:
+        add_masked_decay(self, tensor, self.cfg.decay)
 
 
-def add_masked_decay(method: SparsityMethod, decay: float) -> None:
-    """grad += decay·(1−M)⊙W on every owned layer's local rows (SR-STE, ICML'24)."""
-    for layer, weight, mask in method.local_pieces():
-        if layer.weight.grad is not None:
-            method.backend.local(layer.weight.grad).add_(weight * ~mask, alpha=decay)
+@torch.no_grad()
+def add_masked_decay(method: SparsityMethod, tensor: torch.Tensor, decay: float) -> None:
+    """grad += decay·(1−M)⊙W on this rank's values of one optimizer tensor (SR-STE, ICML'24)."""
+    mask = method.update_mask(tensor)
+    if mask is not None and tensor.grad is not None:
+        local = method.backend.local
+        local(tensor.grad).add_(local(tensor) * ~mask, alpha=decay)
