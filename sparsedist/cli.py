@@ -43,13 +43,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from sparsedist_launch.torchrun import launch
+    from sparsedist_launch.local import launch
 
     overrides = list(args.overrides)
     if args.nproc is not None:
         overrides.append(f"parallel.nproc_per_node={args.nproc}")
     recipe = _load_checked(args.recipe, overrides)
-    return launch(recipe, args.recipe, overrides)
+    return launch(recipe, args.recipe, overrides, args.launcher)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -91,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("launch", help="validate a recipe, then start its ranks with torchrun")
+    p = sub.add_parser("launch", help="validate a recipe, then start its ranks on this node")
     _recipe_args(p)
     p.add_argument("--nproc", type=int, help="processes on this node (sets parallel.nproc_per_node)")
+    p.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun",
+                   help="torchrun (any backend) or the deepspeed launcher (parallel.backend deepspeed)")
     p.set_defaults(func=cmd_launch)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

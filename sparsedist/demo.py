@@ -40,7 +40,7 @@ class Stage:
 
 
 def run_demo(nproc: int, quick: bool) -> int:
-    from sparsedist_launch.torchrun import launch
+    from sparsedist_launch.local import launch
 
     if not RECIPES.is_dir():
         print(f"sparsedist demo: needs the repository's recipes ({RECIPES} not found)", file=sys.stderr)

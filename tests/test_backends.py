@@ -10,12 +10,14 @@ ranks, or a moment misaligned with its mask would show.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import MICRO, micro_overrides, run
+from conftest import MICRO, metric_history, micro_overrides, run
 from sparsedist.checkpoint.pieces import assemble, is_piece_checkpoint, read_pieces
 
 LAYOUTS = {  # name: (world size, micro-batch, overrides)
@@ -99,3 +101,22 @@ def test_a_checkpoint_resumes_at_another_world_size(corpus, tmp_path, writer, re
             # into up to ~2e-5 on embedding entries whose gradient nearly cancels. Lost or misplaced
             # moments would move every weight by about lr = 3e-3.
             torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-4, msg=key)
+
+
+def test_deepspeed_launcher_runs_a_bf16_zero3_recipe(corpus, tmp_path):
+    out = tmp_path / "run"
+    overrides = micro_overrides(corpus, out, "parallel.backend=deepspeed", "parallel.mixed_precision=bf16",
+                                "train.micro_batch=2")
+    run(tmp_path, "sparsedist", "launch", str(MICRO), "--nproc", "2", "--launcher", "deepspeed", *overrides)
+    loss = metric_history(out, "loss")
+    assert sorted(loss) == [1, 2, 3, 4, 5, 6] and loss[6] < loss[1]
+    assert (out / "model" / "model.safetensors").is_file()  # the export verified every weight is 2:4
+
+
+def test_deepspeed_launcher_refuses_another_backend(corpus, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sparsedist", "launch", str(MICRO), "--nproc", "2",
+                           "--launcher", "deepspeed", "parallel.backend=fsdp2", "train.micro_batch=2"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "sparsedist launch: --launcher deepspeed needs parallel.backend deepspeed, not fsdp2"]
