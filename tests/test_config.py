@@ -77,7 +77,7 @@ def test_scientific_notation_in_yaml_is_a_float(tmp_path):
         (["parallel.nproc_per_node=2"], "parallel.backend: 'none' runs one process"),
         (["schedule.warmup_steps=99"], "schedule.warmup_steps: 99 exceeds train.steps (6)"),
         (["sparsity.method=ste", "sparsity.decay=0.1"], "sparsity.decay: not a key of method 'ste'"),
-        (["distill.weight=0.5"], "distill.teacher: 'self' needs model.pretrained"),
+        (["distill.weight=0.5"], "distill.teacher.path: 'self' needs model.pretrained"),
         (["train.steps"], "expected KEY=VALUE"),
     ],
 )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsedist.config.schema import DistillConfig, ScheduleConfig
-from sparsedist.train.losses import distill_kl, training_loss
+from sparsedist.train.losses import TopK, distill_kl, training_loss
 from sparsedist.train.optim import lr_factor
 
 
@@ -37,7 +37,7 @@ def test_training_loss_mixes_kl_and_cross_entropy():
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
     labels = torch.randint(0, 7, (2, 3))
-    cfg = DistillConfig(weight=0.25, teacher="self", temperature=1.0)
+    cfg = DistillConfig(weight=0.25, temperature=1.0)
     loss, parts = training_loss(student, labels, teacher, cfg)
     assert float(loss) == pytest.approx(0.25 * parts["kd"] + 0.75 * parts["ce"], rel=1e-6)
     plain, parts = training_loss(student, labels, None, cfg)
@@ -51,3 +51,12 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_to_the_floor():
     assert lr_factor(60, 110, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(110, 110, cfg) == pytest.approx(0.1)
     assert lr_factor(50, 110, ScheduleConfig(kind="constant", warmup_steps=10)) == 1.0
+
+
+def test_topk_teacher_kl_is_the_full_kl_when_k_is_the_vocabulary():
+    student, teacher = torch.randn(2, 5, 13), torch.randn(2, 5, 13)
+    full = distill_kl(student, teacher, 2.0)
+    for k, exact in ((13, True), (4, False)):
+        top = torch.log_softmax(teacher / 2.0, -1).topk(k, -1)
+        value = distill_kl(student, TopK(top.values, top.indices.int()), 2.0, chunk=3)
+        assert (float(value) == pytest.approx(float(full), rel=1e-5)) == exact, k

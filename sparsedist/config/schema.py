@@ -46,13 +46,26 @@ class DataConfig(Section):
     """An existing tokenizer directory; by default one is trained on the training split."""
 
 
+class TeacherConfig(Section):
+    """The distillation teacher and where it lives (docs/architecture.md: memory per placement)."""
+
+    path: Path | Literal["self"] = "self"
+    """`self`: the model the run starts from (model.pretrained); or a local HF model directory."""
+    placement: Literal["sharded", "offload", "precomputed"] = "sharded"
+    """`sharded`: frozen, wrapped like the student; `offload`: in host memory, moved to the device
+    block by block; `precomputed`: top-k log-probabilities written to disk before training."""
+    top_k: int = Field(64, gt=0)
+    """precomputed: tokens kept per position (the KL misses the teacher's mass outside them)."""
+    cache_dir: Path | None = None
+    """precomputed: where the top-k files go; default output_dir/teacher_topk."""
+
+
 class DistillConfig(Section):
     """Logit distillation from a frozen teacher: L = weight·T²·KL(teacher‖student) + (1−weight)·CE."""
 
     weight: float = Field(0.0, ge=0, le=1)
     """0 disables distillation."""
-    teacher: Path | Literal["self"] = "self"
-    """`self`: the model the run starts from (model.pretrained); or a local HF model directory."""
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     temperature: float = Field(1.0, gt=0)
 
 
@@ -187,10 +200,12 @@ class Recipe(Section):
             raise ValueError(
                 f"schedule.warmup_steps: {self.schedule.warmup_steps} exceeds train.steps ({self.train.steps})"
             )
-        if self.distill.weight > 0 and self.distill.teacher == "self" and self.model.pretrained is None:
-            raise ValueError("distill.teacher: 'self' needs model.pretrained (the model the run starts from)")
+        if self.distill.weight > 0 and self.distill.teacher.path == "self" and self.model.pretrained is None:
+            raise ValueError("distill.teacher.path: 'self' needs model.pretrained (the model the run starts from)")
         if self.model.pretrained is None and not self.model.config:
             raise ValueError("model.config: give the model's sizes, or model.pretrained")
         if self.train.output_dir is None:
             self.train.output_dir = Path("runs") / self.name
+        if self.distill.teacher.cache_dir is None:
+            self.distill.teacher.cache_dir = self.train.output_dir / "teacher_topk"
         return self

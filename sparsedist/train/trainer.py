@@ -17,10 +17,9 @@ from tqdm import tqdm
 from sparsedist.checkpoint import Checkpointer
 from sparsedist.config import Recipe, recipe_hash
 from sparsedist.config.load import flatten
-from sparsedist.config.schema import ModelConfig
 from sparsedist.data import TokenBatches, eval_batches, load_tokenizer, prepare_dataset
 from sparsedist.export import export_state
-from sparsedist.models import build_model
+from sparsedist.models import model_config
 from sparsedist.parallel import Runtime, init_runtime, make_backend, shutdown
 from sparsedist.tracking import Tracker
 from sparsedist.tracking.mlflow_run import git_revision, hardware
@@ -28,6 +27,7 @@ from sparsedist.train.evaluate import evaluate
 from sparsedist.train.losses import training_loss
 from sparsedist.train.optim import lr_factor, set_lr
 from sparsedist.train.student import build_student
+from sparsedist.train.teacher import build_teacher, precompute_teacher
 
 log = logging.getLogger(__name__)
 
@@ -59,31 +59,20 @@ class Trainer:
             prepare_dataset(recipe.data, recipe.train.seed)
         torch.distributed.barrier()
         self.tokenizer = load_tokenizer(recipe.data.dir / "tokenizer")
-        self.student = build_student(recipe, self.backend, self.tokenizer)
-        self.model, self.method, self.optimizer = self.student.model, self.student.method, self.student.optimizer
-        self.teacher = self._build_teacher()
-
         t, d = recipe.train, recipe.data
         self.train_data = TokenBatches(d.dir / "train", d.seq_len, t.global_batch, t.micro_batch,
                                        runtime.rank, runtime.world_size, t.seed)
         self.eval_data = eval_batches(d.dir / "valid", d.seq_len, recipe.eval.micro_batch,
                                       runtime.rank, runtime.world_size, recipe.eval.sequences)
+        config = model_config(recipe.model, len(self.tokenizer), d.seq_len, self.tokenizer.eos_token_id)
+        if recipe.distill.weight > 0 and recipe.distill.teacher.placement == "precomputed":
+            precompute_teacher(recipe, config, self.backend, self.train_data)  # before the student exists
+        self.student = build_student(recipe, self.backend, self.tokenizer)
+        self.model, self.method, self.optimizer = self.student.model, self.student.method, self.student.optimizer
+        self.teacher = build_teacher(recipe, config, self.backend)
         self.tokens_per_step = t.global_batch * d.seq_len
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", recipe.checkpoint.keep, self.backend)
         self.tracker = Tracker(recipe.tracking, runtime.is_main)
-
-    def _build_teacher(self) -> torch.nn.Module | None:
-        cfg = self.recipe.distill
-        if cfg.weight == 0:
-            return None
-        path = self.recipe.model.pretrained if cfg.teacher == "self" else cfg.teacher
-        teacher = build_model(ModelConfig(family=self.recipe.model.family, pretrained=path), self.student.config,
-                              self.recipe.train.seed)
-        if teacher.config.vocab_size != self.student.config.vocab_size:
-            raise ValueError(f"distill.teacher: {path} has vocabulary {teacher.config.vocab_size}, "
-                             f"the student {self.student.config.vocab_size}")
-        teacher.requires_grad_(False).eval()
-        return self.backend.wrap(teacher, self.student.family.blocks(teacher))
 
     def _resume(self) -> tuple[int, str | None]:
         """Restore the latest (or the named) checkpoint; returns (first step to run, tracking run id)."""
@@ -142,8 +131,8 @@ class Trainer:
             inputs, labels = inputs.to(device), labels.to(device)
             with self.backend.autocast():
                 logits = self.model(input_ids=inputs, use_cache=False).logits
-                teacher_logits = self._teacher_logits(inputs)
-                loss, parts = training_loss(logits, labels, teacher_logits, r.distill)
+                targets = None if self.teacher is None else self.teacher.targets(step, i, inputs)
+                loss, parts = training_loss(logits, labels, targets, r.distill)
             self.backend.backward(self.model, loss / len(micro_batches), last=i == len(micro_batches) - 1)
             for key, value in {"loss": loss.item(), **parts}.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value / len(micro_batches)
@@ -153,14 +142,6 @@ class Trainer:
         elapsed = time.perf_counter() - started
         return {**parts_sum, "lr": lr, "grad_norm": grad_norm, "tokens": (step + 1) * self.tokens_per_step,
                 "tokens_per_s": self.tokens_per_step / elapsed}
-
-    @torch.no_grad()
-    def _teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        if self.teacher is None:
-            return None
-        logits = self.teacher(input_ids=inputs, use_cache=False).logits
-        self.backend.after_eval(self.teacher)
-        return logits
 
     def _global_loss(self, metrics: dict[str, float]) -> dict[str, float]:
         """This step's loss terms averaged over ranks (each rank saw an equal share of the global batch)."""
