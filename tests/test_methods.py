@@ -12,6 +12,7 @@ from sparsedist.models import FAMILIES, build_model, model_config
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.parallel.runtime import Runtime
 from sparsedist.sparsity import SparseLinear, make_method, nm_mask, pack_mask, unpack_mask
+from sparsedist.sparsity.methods.cast import expanded_scale
 from sparsedist.sparsity.soft_threshold import soft_threshold
 from sparsedist.sparsity.transposable import transposable_mask
 from sparsedist.train.optim import param_groups
@@ -339,3 +340,19 @@ def test_cast_refreshes_before_the_update_and_finalize_folds_and_prunes():
     # the pruned model equals the scaled model with its pruned entries dropped
     assert (layer(x) - dense_out).abs().max() > 0
     assert ((layer.weight != 0).reshape(layer.out_features, -1, 4).sum(-1) <= 2).all()
+
+
+def test_rebuilt_weight_product_has_the_gradients_of_the_plain_product():
+    """The forward keeps x and the parameters, not A⊙W; the backward rebuilds it: same gradients."""
+    _, method = setup("cast")
+    layer = first(method)
+    with torch.no_grad():
+        layer.scale.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    grad_out = torch.randn(2, 3, layer.out_features)
+    layer(x).backward(grad_out)
+    weight, scale = layer.weight.detach().requires_grad_(), layer.scale.detach().requires_grad_()
+    x_ref = x.detach().requires_grad_()
+    F.linear(x_ref, weight * expanded_scale(layer, scale)).backward(grad_out)
+    for ours, reference in ((layer.weight.grad, weight.grad), (layer.scale.grad, scale.grad), (x.grad, x_ref.grad)):
+        torch.testing.assert_close(ours, reference)

@@ -103,6 +103,10 @@ class ParallelBackend:
         """[start, stop) of this rank's rows of `param` in the full tensor."""
         return 0, param.shape[0]
 
+    def stored_numel(self, param: torch.Tensor) -> int:
+        """Elements of `param` this rank holds at rest (memory accounting)."""
+        return self.local(param).numel()
+
     def piece(self, param: torch.Tensor) -> Piece:
         """This rank's master values of `param` (its local rows, flattened)."""
         weight = self.local(param)

@@ -117,6 +117,9 @@ class ZeroBackend(ParallelBackend):
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def stored_numel(self, param: torch.Tensor) -> int:
+        return self._partition(param)[1] if hasattr(param, "ds_tensor") else param.numel()
+
     def piece(self, param: torch.Tensor) -> Piece:
         zero = self.engine.optimizer
         if self.stage == 3:

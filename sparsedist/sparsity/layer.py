@@ -7,6 +7,11 @@ forward, and DCP saves it sharded. It costs one bit per weight.
 What the forward does is set by the method that converted the layer: `transform`
 gives the weight the product uses, `gemm` the product itself (plain, or with an MVUE
 weight gradient and emulated FP8), and an optional `branch` adds a dense side path.
+
+With the plain product, the transformed weight (M⊙W, A⊙W, β·S(W)) is not kept from the
+forward to the backward: it is rebuilt in the backward from the parameters, which FSDP2
+and ZeRO-3 gather again there anyway. Kept, it would be a full, unsharded copy of every
+sparse weight alive for the whole forward-backward window.
 """
 
 from __future__ import annotations
@@ -46,11 +51,36 @@ class SparseLinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.gemm(x, self.transform(self), self.bias)
+        if self.gemm is F.linear and self.transform is not dense_weight:
+            trained = [p for name, p in self.named_parameters(recurse=False) if p.requires_grad and name != "bias"]
+            out = _RebuiltWeightLinear.apply(x, self, *trained)
+            out = out if self.bias is None else out + self.bias
+        else:
+            out = self.gemm(x, self.transform(self), self.bias)
         return out if self.branch is None else out + self.branch(x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, transform={self.transform.__name__}"
+
+
+class _RebuiltWeightLinear(torch.autograd.Function):
+    """x·transform(layer)ᵀ, saving x and the layer's parameters rather than the transformed weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: SparseLinear, *trained: torch.Tensor) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, *trained)
+        return F.linear(x, layer.transform(layer))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, *trained = ctx.saved_tensors
+        with torch.enable_grad():
+            weight = ctx.layer.transform(ctx.layer)
+        grad_x = grad_out @ weight.detach()
+        grad_weight = grad_out.flatten(0, -2).t() @ x.flatten(0, -2)
+        grads = torch.autograd.grad(weight, trained, grad_weight)
+        return grad_x, None, *grads
 
 
 def dense_weight(layer: SparseLinear) -> torch.Tensor:

@@ -1,0 +1,122 @@
+"""Peak memory and step time of each sparsity method against dense, under FSDP2 and ZeRO-3, on 2 ranks.
+
+    python bench/memory.py [--steps 8] [--nproc 2] [--out docs/results.md]
+
+Every (backend, method) cell is a fresh `torchrun` of this file's worker: a real Trainer on
+the embedded corpus with the model of SHAPE, distillation off, no checkpoints. Per rank it
+measures the peak resident memory grown since just before the Trainer was built (on the
+CPU, where torch has no allocator statistics: ru_maxrss minus the RSS at that point), the
+median step time after 2 warm-up steps, and the mask bits each rank stores per sparse
+weight it stores. The table gives the maximum over ranks and ratios against dense under the
+same backend, measured in the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from report import write_section  # noqa: E402
+
+RECIPE = HERE.parent / "recipes" / "tiny" / "llama.yaml"
+SHAPE = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
+         "num_key_value_heads": 8, "max_position_embeddings": 256}
+METHODS = ("dense", "ste", "srste", "sparse_pretrain", "sste", "ast", "cast")
+BACKENDS = {"FSDP2": ["parallel.backend=fsdp2"], "ZeRO-3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(out: Path, overrides: list[str], steps: int) -> None:
+    """One cell, on this rank: build, train `steps`, report to `out` from rank 0."""
+    import torch
+
+    from sparsedist.config import load_recipe
+    from sparsedist.parallel import init_runtime, shutdown
+    from sparsedist.train.trainer import Trainer
+
+    runtime = init_runtime()
+    base = rss_bytes()
+    trainer = Trainer(load_recipe(RECIPE, overrides), runtime)
+    times = []
+    for step in range(steps):
+        started = time.perf_counter()
+        trainer.train_step(step)
+        times.append(time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    backend, layers = trainer.backend, trainer.method.layers.values()
+    mask_bytes = sum(backend.stored_numel(layer.mask) for layer in layers)
+    weights = sum(backend.stored_numel(layer.weight) for layer in layers)
+    values = torch.tensor([peak, statistics.median(times[2:]), 8 * mask_bytes / max(1, weights)],
+                          dtype=torch.float64)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    if runtime.is_main:
+        out.write_text(json.dumps(dict(zip(("peak_bytes", "step_s", "mask_bits"), values.tolist(), strict=True))))
+    shutdown()
+
+
+def run_cell(backend: list[str], method: str, steps: int, nproc: int, workdir: Path) -> dict:
+    out = workdir / f"{backend[0].split('=')[1]}-{method}.json"
+    overrides = [
+        *backend, f"parallel.nproc_per_node={nproc}", f"sparsity={{method: {method}}}",
+        f"model.config={json.dumps(SHAPE)}", "data.seq_len=256", "train.global_batch=8", "train.micro_batch=4",
+        f"train.steps={steps}", "schedule.warmup_steps=0", f"train.output_dir={workdir / 'run'}",
+        "checkpoint.interval=100000", "checkpoint.resume=never", "checkpoint.export=false",
+        "eval.interval=100000", "tracking.enabled=false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                    str(Path(__file__).resolve()), "--worker", str(out), "--steps", str(steps), *overrides],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench-memory"))
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args()
+    if args.worker:
+        return worker(args.worker, overrides, args.steps)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    lines = ["| backend | method | peak memory (MiB) | vs dense | step (s) | vs dense | mask bits / weight, per rank |",
+             "|---|---|---|---|---|---|---|"]
+    for name, backend in BACKENDS.items():
+        dense = None
+        for method in METHODS:
+            cell = run_cell(backend, method, args.steps, args.nproc, args.workdir)
+            dense = dense or cell
+            lines.append(f"| {name} | {method} | {cell['peak_bytes'] / 2**20:.0f} | "
+                         f"{cell['peak_bytes'] / dense['peak_bytes']:.3f}× | {cell['step_s']:.2f} | "
+                         f"{cell['step_s'] / dense['step_s']:.3f}× | "
+                         f"{cell['mask_bits']:.2f} |" if method != "dense" else
+                         f"| {name} | dense | {cell['peak_bytes'] / 2**20:.0f} | 1× | {cell['step_s']:.2f} | 1× | – |")
+            print(lines[-1], flush=True)
+    command = " ".join(["python bench/memory.py", *sys.argv[1:]])
+    write_section(args.out, "Memory and step time by method and backend", (
+        f"Command: `{command}` · {args.nproc} ranks on CPU ({platform.machine()}, {os.cpu_count()} cores, gloo) · "
+        f"Llama d={SHAPE['hidden_size']}, ffn={SHAPE['intermediate_size']}, {SHAPE['num_hidden_layers']} layers, "
+        f"vocab 8192, 8 × 256 tokens per step, fp32 · each method with its recipe defaults (targets: "
+        "FFN; AST and CAST: all linear layers), no distillation · peak memory: the largest growth of "
+        "resident memory of a rank from just before the run is built; step: median after 2 warm-up "
+        "steps, maximum over ranks.\n\n" + "\n".join(lines)))
+
+
+if __name__ == "__main__":
+    main()
