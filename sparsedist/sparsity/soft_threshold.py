@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import torch
 
-from sparsedist.sparsity.masks import nm_mask
-
 
 def soft_threshold(weight: torch.Tensor) -> torch.Tensor:
     """S(W): in each group the two largest |w| become sign(w)·(|w| − t), the other two 0.
 
-    t is the group's second-smallest |w| (the larger of the two dropped). The kept pair is
-    `nm_mask`'s, ties towards the lower index; a tie at the threshold gives 0 either way, so
-    S is continuous in W. Computed in the weight's dtype.
+    t is the group's second-smallest |w| (the larger of the two dropped), so
+    S(W) = sign(W)·max(|W| − t, 0): a tie at the threshold gives 0 whichever element is
+    kept, and S is continuous in W. t comes from a 4-input min/max network, elementwise
+    only (no sort). Computed in the weight's dtype; refuses weights without whole groups.
     """
-    keep = nm_mask(weight)  # also refuses weights without whole groups
     rows, cols = weight.shape
-    keep = keep.reshape(rows, cols // 4, 4)
+    if cols % 4:
+        raise ValueError(f"soft_threshold: weight of shape {tuple(weight.shape)} has no whole groups of 4 along dim 1")
     grouped = weight.reshape(rows, cols // 4, 4)
     magnitude = grouped.abs()
-    threshold = torch.where(keep, 0, magnitude).amax(-1, keepdim=True)
-    return torch.where(keep, grouped.sign() * (magnitude - threshold), 0).reshape(rows, cols)
+    a, b, c, d = magnitude.unbind(-1)
+    low = torch.maximum(torch.minimum(a, b), torch.minimum(c, d))
+    high = torch.minimum(torch.maximum(a, b), torch.maximum(c, d))
+    threshold = torch.minimum(low, high).unsqueeze(-1)
+    return (grouped.sign() * (magnitude - threshold).clamp_min(0)).reshape(rows, cols)
 
 
 def soft_threshold_scale_terms(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

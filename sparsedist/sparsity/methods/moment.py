@@ -25,11 +25,12 @@ class MomentAdamMethod(SparsityMethod):
     def make_optimizer(self, groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
         return MomentAdam(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, self.backend.local, self._moment)
 
-    def _moment(self, tensor: torch.Tensor, weight: torch.Tensor, momentum: torch.Tensor) -> torch.Tensor:
+    def _moment(self, tensor: torch.Tensor, part: slice, weight: torch.Tensor, momentum: torch.Tensor
+                ) -> torch.Tensor:
         mask = self.update_mask(tensor)
         if mask is None:
             return momentum  # no sparse weight in this tensor: u = m
-        return self.smoothed_moment(weight, momentum, mask)
+        return self.smoothed_moment(weight, momentum, mask.view(-1)[part])
 
     def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """u from this rank's values of W, m and the aligned bool mask, at step `self.step`."""
