@@ -4,8 +4,9 @@
 
 Every (backend, method) cell is a fresh `torchrun` of this file's worker: a real Trainer on
 the embedded corpus with the model of SHAPE, distillation off, no checkpoints. Per rank it
-measures the peak resident memory grown since just before the Trainer was built (on the
-CPU, where torch has no allocator statistics: ru_maxrss minus the RSS at that point), the
+measures the peak memory grown since just before the Trainer was built (on a GPU the
+allocator's peak; on the CPU, where torch keeps no allocator statistics, ru_maxrss minus
+the resident size at that point, which glibc's allocator makes noisy by several percent), the
 median step time after 2 warm-up steps, and the mask bits each rank stores per sparse
 weight it stores. The table gives the maximum over ranks and ratios against dense under the
 same backend, measured in the same invocation.
@@ -35,6 +36,14 @@ METHODS = ("dense", "ste", "srste", "sparse_pretrain", "sste", "ast", "cast")
 BACKENDS = {"FSDP2": ["parallel.backend=fsdp2"], "ZeRO-3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
 
 
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (NCCL)"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, gloo)"
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -49,14 +58,18 @@ def worker(out: Path, overrides: list[str], steps: int) -> None:
     from sparsedist.train.trainer import Trainer
 
     runtime = init_runtime()
-    base = rss_bytes()
+    cuda = runtime.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else rss_bytes()
     trainer = Trainer(load_recipe(RECIPE, overrides), runtime)
     times = []
     for step in range(steps):
         started = time.perf_counter()
         trainer.train_step(step)
         times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak -= base
     backend, layers = trainer.backend, trainer.method.layers.values()
     mask_bytes = sum(backend.stored_numel(layer.mask) for layer in layers)
     weights = sum(backend.stored_numel(layer.weight) for layer in layers)
@@ -110,7 +123,7 @@ def main() -> None:
             print(lines[-1], flush=True)
     command = " ".join(["python bench/memory.py", *sys.argv[1:]])
     write_section(args.out, "Memory and step time by method and backend", (
-        f"Command: `{command}` · {args.nproc} ranks on CPU ({platform.machine()}, {os.cpu_count()} cores, gloo) · "
+        f"Command: `{command}` · {args.nproc} ranks on {device_name()} · "
         f"Llama d={SHAPE['hidden_size']}, ffn={SHAPE['intermediate_size']}, {SHAPE['num_hidden_layers']} layers, "
         f"vocab 8192, 8 × 256 tokens per step, fp32 · each method with its recipe defaults (targets: "
         "FFN; AST and CAST: all linear layers), no distillation · peak memory: the largest growth of "

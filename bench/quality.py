@@ -27,8 +27,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_section  # noqa: E402
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 ONESHOT = ("magnitude", "wanda", "sparsegpt", "alps")
+DENSE_PRETRAINED, CEILING = "dense, pretrained", "dense, continued (ceiling)"
+"""The baselines: from-scratch cells compare with dense pretraining at the same budget; the others
+with the dense model continued for as long as the retraining (the fair ceiling)."""
 
 
 @dataclass(frozen=True)
@@ -50,11 +56,11 @@ def cells(retrain_steps: int, pretrain_steps: int) -> list[Cell]:
     retrain = (f"train.steps={retrain_steps}", f"schedule.warmup_steps={max(1, retrain_steps // 20)}")
     scratch = (f"train.steps={pretrain_steps}",)
     return [
-        Cell("dense, pretrained", "dense.yaml", scratch, stage="pretrain"),
+        Cell(DENSE_PRETRAINED, "dense.yaml", scratch, stage="pretrain"),
         *(Cell(f"one-shot {name}", "retrain.yaml",
                ("train.steps=1", "schedule.warmup_steps=0", f"sparsity={{method: ste, oneshot: {name}}}"),
                initial=True, stage="one-shot") for name in ONESHOT),
-        Cell("dense, continued (ceiling)", "retrain.yaml", retrain),
+        Cell(CEILING, "retrain.yaml", retrain),
         Cell("STE", "ste.yaml", retrain),
         Cell("SR-STE", "srste.yaml", retrain),
         Cell("AST", "ast.yaml", retrain),
@@ -116,21 +122,22 @@ def main() -> None:
             results[cell.label].append(ppl)
             if cell.stage == "pretrain":
                 start = args.workdir.resolve() / f"seed{seed}" / cell.slug / "model"
-    ceiling = statistics.mean(results["dense, continued (ceiling)"])
-    lines = ["| model | validation ppl (mean ± sd) | vs dense continued | seeds |", "|---|---|---|---|"]
-    for label, values in results.items():
+    lines = ["| model | validation ppl (mean ± sd) | vs its dense baseline | baseline | seeds |",
+             "|---|---|---|---|---|"]
+    for cell in table:
+        values = results[cell.label]
         mean = statistics.mean(values)
-        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
-        lines.append(f"| {label} | {mean:.2f} ± {spread:.2f} | {mean / ceiling:.3f}× | {len(values)} |")
+        spread = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "–"
+        baseline = DENSE_PRETRAINED if cell.stage == "scratch" else CEILING
+        ratio = mean / statistics.mean(results[baseline])
+        lines.append(f"| {cell.label} | {mean:.2f} ± {spread} | {ratio:.3f}× | {baseline} | {len(values)} |")
     text = "\n".join(lines)
     print(text)
     command = " ".join(["python bench/quality.py", *sys.argv[1:]])
-    args.out.write_text(
-        "# Results\n\n## Validation perplexity by method (embedded corpus, tiny Llama)\n\n"
+    write_section(args.out, "Validation perplexity by method (embedded corpus, tiny Llama)", (
         f"Command: `{command}` · pretraining {args.pretrain_steps} steps × 16 × 128 tokens · retraining "
         f"{retrain_steps} steps ({args.retrain_fraction:.0%} of the pretraining tokens) · whole validation split "
-        f"(Hamlet, The Tempest, the Sonnets, Paradise Regained) · seeds {args.seeds}.\n\n{text}\n"
-    )
+        f"(Hamlet, The Tempest, the Sonnets, Paradise Regained) · seeds {args.seeds}.\n\n{text}"))
 
 
 if __name__ == "__main__":
