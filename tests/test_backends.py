@@ -1,7 +1,8 @@
 """One run, any sharding: every method gives the same masks and losses on every backend.
 
 Real multi-process runs over gloo of tests/workers/backend_agreement.py: one process,
-FSDP2 at world 2 and 3, DeepSpeed ZeRO-1/2/3 at world 2, the same global batch of 12.
+FSDP2 at world 2 and 3, DeepSpeed ZeRO-1/2/3 at world 2 (and ZeRO-2 with the optimizer
+offloaded), the same global batch of 12.
 Weight row counts (80, 32) do not divide by 3, and ZeRO's flat pieces cut rows and
 2:4 groups, so a mask decided on a piece, a decay added before the reduction over
 ranks, or a moment misaligned with its mask would show.
@@ -24,6 +25,8 @@ LAYOUTS = {  # name: (world size, micro-batch, overrides)
     "fsdp2-2": (2, 2, ["parallel.backend=fsdp2"]),
     "fsdp2-3": (3, 4, ["parallel.backend=fsdp2"]),
     **{f"zero{stage}-2": (2, 2, ["parallel.backend=deepspeed", f"parallel.zero_stage={stage}"]) for stage in (1, 2, 3)},
+    "zero2-offload-2": (2, 2, ["parallel.backend=deepspeed", "parallel.zero_stage=2",
+                               "parallel.offload_optimizer=true"]),
 }
 
 
