@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import MICRO, metric_history, micro_overrides, run
@@ -114,6 +115,11 @@ def test_deepspeed_launcher_runs_a_bf16_zero3_recipe(corpus, tmp_path):
     loss = metric_history(out, "loss")
     assert sorted(loss) == [1, 2, 3, 4, 5, 6] and loss[6] < loss[1]
     assert (out / "model" / "model.safetensors").is_file()  # the export verified every weight is 2:4
+    # `sparsedist export` of the last DeepSpeed checkpoint, in one process, gives the same model
+    run(tmp_path, "sparsedist", "export", str(out / "checkpoints" / "step_00000006"), str(tmp_path / "exported"))
+    ours = load_file(tmp_path / "exported" / "model.safetensors")
+    theirs = load_file(out / "model" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_deepspeed_launcher_refuses_another_backend(corpus, tmp_path):
