@@ -172,3 +172,20 @@ def test_every_teacher_placement_gives_the_same_distillation_loss(corpus, tmp_pa
             assert history[step] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, step)
     cache = tmp_path / "precomputed-fsdp2" / "teacher_topk"
     assert len(list(cache.glob("step_*.rank*.pt"))) == 3 * 2 and (cache / "complete.json").is_file()
+
+
+def test_deepspeed_config_comes_from_the_recipe_with_the_user_json_merged_over_it(tmp_path):
+    from sparsedist.config import load_recipe
+    from sparsedist.parallel.zero import deepspeed_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 100},
+                                "steps_per_print": 5}))
+    recipe = load_recipe(MICRO, ["parallel.backend=deepspeed", "parallel.nproc_per_node=2", "train.micro_batch=2",
+                                 "parallel.mixed_precision=bf16", f"parallel.deepspeed_config={user}"])
+    config = deepspeed_config(recipe)
+    assert config["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 100}
+    assert config["steps_per_print"] == 5 and config["bf16"] == {"enabled": True}
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (12, 2, 3)
+    assert config["gradient_clipping"] == recipe.optim.grad_clip

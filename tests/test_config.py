@@ -79,6 +79,10 @@ def test_scientific_notation_in_yaml_is_a_float(tmp_path):
         (["sparsity.method=ste", "sparsity.decay=0.1"], "sparsity.decay: not a key of method 'ste'"),
         (["distill.weight=0.5"], "distill.teacher.path: 'self' needs model.pretrained"),
         (["train.steps"], "expected KEY=VALUE"),
+        (["parallel.deepspeed_config=ds.json"],
+         "parallel.deepspeed_config: only used with parallel.backend 'deepspeed'"),
+        (["parallel.backend=deepspeed", f"parallel.deepspeed_config={MICRO}"],
+         f"parallel.deepspeed_config: {MICRO} is not JSON (Expecting value"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_key(overrides, message):

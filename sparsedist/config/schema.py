@@ -7,6 +7,7 @@ any rank starts.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +104,12 @@ class ParallelConfig(Section):
                 raise ValueError("parallel.deepspeed_config: only used with parallel.backend 'deepspeed'")
             if not self.deepspeed_config.is_file():
                 raise ValueError(f"parallel.deepspeed_config: {self.deepspeed_config} is not a file")
+            try:
+                override = json.loads(self.deepspeed_config.read_text())
+            except ValueError as err:
+                raise ValueError(f"parallel.deepspeed_config: {self.deepspeed_config} is not JSON ({err})") from None
+            if not isinstance(override, dict):
+                raise ValueError(f"parallel.deepspeed_config: {self.deepspeed_config} holds no JSON object")
         return self
 
 
