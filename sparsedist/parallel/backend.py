@@ -82,10 +82,6 @@ class ParallelBackend:
         self.optimizer = optimizer
         return model, optimizer
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        """The model's own module (under DeepSpeed, the engine's)."""
-        return model
-
     def autocast(self) -> torch.autocast:
         """Compute-dtype context of the forward pass."""
         dtype = _DTYPES[self.cfg.mixed_precision]

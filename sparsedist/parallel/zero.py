@@ -105,7 +105,9 @@ class ZeroBackend(ParallelBackend):
         self.engine = engine
         return engine, zero_optimizer
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
+    @staticmethod
+    def _module(model: nn.Module) -> nn.Module:
+        """The engine's own module."""
         return model.module if isinstance(model, deepspeed.DeepSpeedEngine) else model
 
     def autocast(self) -> torch.autocast:
@@ -192,7 +194,7 @@ class ZeroBackend(ParallelBackend):
     # --- state -----------------------------------------------------------------------------
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        module = self.unwrap(model)
+        module = self._module(model)
         state = {name: self.full_tensor(p).cpu().float() if p.is_floating_point() else self.full_tensor(p).cpu()
                  for name, p in module.named_parameters()}
         state.update({name: b.detach().cpu() for name, b in persistent_buffers(module)})
@@ -200,7 +202,7 @@ class ZeroBackend(ParallelBackend):
 
     def save_state(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Each rank writes the pieces it owns (checkpoint/pieces.py), so any world size can read them."""
-        module = self.unwrap(model)
+        module = self._module(model)
         pieces: dict[str, tuple[int, torch.Tensor]] = {}
         states = self._optimizer_states(optimizer)
         for name, param in module.named_parameters():
@@ -222,7 +224,7 @@ class ZeroBackend(ParallelBackend):
     @torch.no_grad()
     def load_state(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         saved, files = read_pieces(path)
-        module = self.unwrap(model)
+        module = self._module(model)
         for name, param in module.named_parameters():
             full = assemble(saved, name, _numel(param))
             self.set_full(param, full.to(torch.float32 if param.requires_grad else param.dtype))
