@@ -125,9 +125,8 @@ class ZeroBackend(ParallelBackend):
     def piece(self, param: torch.Tensor) -> Piece:
         zero = self.engine.optimizer
         if self.stage == 3:
-            group, offset, size = zero.grad_position[zero.get_param_id(param)]
-            start = self.runtime.rank * size
-            numel = max(0, min(size, param.ds_numel - start))
+            group, offset, _ = zero.grad_position[zero.get_param_id(param)]
+            start, numel = self._partition(param)
             flat = zero.fp32_partitioned_groups_flat[group]
         else:
             mapping = param._hp_mapping
@@ -195,8 +194,8 @@ class ZeroBackend(ParallelBackend):
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         module = self._module(model)
-        state = {name: self.full_tensor(p).cpu().float() if p.is_floating_point() else self.full_tensor(p).cpu()
-                 for name, p in module.named_parameters()}
+        state = {name: self.full_tensor(p).cpu() for name, p in module.named_parameters()}
+        state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
         state.update({name: b.detach().cpu() for name, b in persistent_buffers(module)})
         return state if self.runtime.is_main else {}
 
@@ -260,6 +259,8 @@ class ZeroBackend(ParallelBackend):
         return out
 
     def _partition(self, param: torch.Tensor) -> tuple[int, int]:
+        """(start in the flattened parameter, real elements) of this rank's ZeRO-3 partition (the
+        last ranks' partitions are padded)."""
         size = param.ds_tensor.numel()
         start = self.runtime.rank * size
         return start, max(0, min(size, param.ds_numel - start))
