@@ -1,11 +1,12 @@
 """One run, any sharding: every method gives the same masks and losses on every backend.
 
 Real multi-process runs over gloo of tests/workers/backend_agreement.py: one process,
-FSDP2 at world 2 and 3, DeepSpeed ZeRO-1/2/3 at world 2 (and ZeRO-2 with the optimizer
-offloaded), the same global batch of 12.
-Weight row counts (80, 32) do not divide by 3, and ZeRO's flat pieces cut rows and
-2:4 groups, so a mask decided on a piece, a decay added before the reduction over
-ranks, or a moment misaligned with its mask would show.
+FSDP2 at world 2 and 3, DeepSpeed ZeRO-1/2/3 at world 2, ZeRO-3 at world 3 (and ZeRO-2
+with the optimizer offloaded), the same global batch of 12.
+Weight row counts (80, 32) do not divide by 3, and ZeRO's flat pieces cut rows and 2:4
+groups (ZeRO-3 at world 3: partitions of 854 of the 2560 weights), so a mask decided on a
+piece without its neighbours' values, a decay added before the reduction over ranks, or
+a moment misaligned with its mask would show.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ LAYOUTS = {  # name: (world size, micro-batch, overrides)
     "fsdp2-2": (2, 2, ["parallel.backend=fsdp2"]),
     "fsdp2-3": (3, 4, ["parallel.backend=fsdp2"]),
     **{f"zero{stage}-2": (2, 2, ["parallel.backend=deepspeed", f"parallel.zero_stage={stage}"]) for stage in (1, 2, 3)},
+    "zero3-3": (3, 4, ["parallel.backend=deepspeed", "parallel.zero_stage=3"]),
     "zero2-offload-2": (2, 2, ["parallel.backend=deepspeed", "parallel.zero_stage=2",
                                "parallel.offload_optimizer=true"]),
 }
@@ -77,11 +79,13 @@ ZERO = ["parallel.backend=deepspeed"]
 
 @pytest.mark.parametrize("writer, reader", [
     ((2, FSDP2), (3, FSDP2)),
-    ((2, [*ZERO, "parallel.zero_stage=3"]), (3, [*ZERO, "parallel.zero_stage=2"])),
-], ids=["fsdp2", "zero3-to-zero2"])
+    ((3, [*ZERO, "parallel.zero_stage=3"]), (2, [*ZERO, "parallel.zero_stage=2"])),
+    ((2, [*ZERO, "parallel.zero_stage=2"]), (3, [*ZERO, "parallel.zero_stage=3"])),
+], ids=["fsdp2", "zero3-to-zero2", "zero2-to-zero3"])
 def test_a_checkpoint_resumes_at_another_world_size(corpus, tmp_path, writer, reader):
-    """CAST (its moments are aligned with the masks) written at world 2, resumed at world 3 (and,
-    under DeepSpeed, another ZeRO stage): same masks, same weights as the run that never stopped."""
+    """CAST (its moments are aligned with the masks) written at one world size, resumed at another
+    (and, under DeepSpeed, another ZeRO stage; ZeRO-3 at world 3 cuts 2:4 groups and packed mask
+    bytes): same masks, same weights as the run that never stopped."""
     common = ["tracking.enabled=false", "checkpoint.export=false", "eval.interval=1000", "train.steps=6",
               "checkpoint.interval=3", "sparsity={method: cast, decay: 0.01, refresh_interval: 2}"]
     runs = {}

@@ -1,7 +1,9 @@
 """Checkpoints as flat pieces with offsets: the format of backends whose shards are flat slices.
 
 Each rank writes `rank_<r>.pt`: {"pieces": {name: (start, flat tensor)}, ...}, where
-`name` is a model parameter or buffer, or `param@key` for an optimizer moment of it.
+`name` is a model parameter or buffer, or `param@key` for an optimizer moment of it. A
+sparse layer's mask is saved as the flat bool mask of the weight piece (its packed layout
+depends on the world size; the elements of the weight do not).
 Any reader, at any world size and with any sharding, assembles the full flat tensor of
 a name from every rank's pieces and keeps the range it owns.
 """
@@ -13,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from sparsedist.sparsity.layer import SparseLinear, sparse_layers
 
 Pieces = dict[str, list[tuple[int, torch.Tensor]]]
 
@@ -51,10 +55,18 @@ def assemble(saved: Pieces, name: str, numel: int) -> torch.Tensor:
     return full
 
 
+def assemble_mask(saved: Pieces, name: str, layer: SparseLinear) -> torch.Tensor:
+    """The [out, in] bool mask of a sparse layer, saved as the bool masks of weight pieces."""
+    return assemble(saved, name, layer.out_features * layer.in_features).view(layer.out_features, -1)
+
+
 @torch.no_grad()
 def load_module(path: Path, module: nn.Module) -> None:
     """Fill an unsharded module's parameters and buffers from a piece checkpoint."""
     saved, _ = read_pieces(path)
-    state = module.state_dict(keep_vars=True)
-    for name, tensor in state.items():
-        tensor.copy_(assemble(saved, name, tensor.numel()).reshape(tensor.shape))
+    masks = {f"{name}.mask": layer for name, layer in sparse_layers(module)}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if name in masks:
+            tensor.copy_(masks[name].pack(assemble_mask(saved, name, masks[name])))
+        else:
+            tensor.copy_(assemble(saved, name, tensor.numel()).reshape(tensor.shape))

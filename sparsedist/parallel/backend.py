@@ -4,8 +4,10 @@ A method never branches on the backend. It asks for this rank's `piece` of a par
 (the fp32 master values its optimizer updates, flat, with their offset in the full
 tensor), for the full tensor and to write one back (`full_tensor`, `set_full`), for
 global sums, and leaves wrapping, backward, clipping, the optimizer step and state to
-the backend. Backends whose local pieces are whole rows (`whole_rows`) also let a
-method decide row-local things (N:M masks) on the local rows without a gather.
+the backend. Masks are stored like their weight: a method reads and writes the mask of
+a piece (`mask_range`, `set_mask_piece`) without a collective, and where each rank holds
+the mask bits of exactly its own pieces (`local_masks`) it decides masks of whole N:M
+groups locally (`whole_groups` supplies the few neighbouring values a flat cut needs).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -31,6 +34,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from sparsedist.config.schema import ParallelConfig, Recipe
 from sparsedist.parallel.runtime import Runtime
+
+if TYPE_CHECKING:
+    from sparsedist.sparsity.layer import SparseLinear
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -64,7 +70,9 @@ class ParallelBackend:
     """One process, no sharding: the reference every sharded backend must agree with."""
 
     whole_rows = True
-    """Local pieces are whole rows of each parameter (row-local decisions need no gather)."""
+    """Local pieces are whole rows of each parameter."""
+    local_masks = True
+    """Each rank stores the mask bits of exactly its pieces, and sets them without a collective."""
 
     def __init__(self, cfg: ParallelConfig, runtime: Runtime):
         self.cfg = cfg
@@ -109,6 +117,49 @@ class ParallelBackend:
         grad = None if param.grad is None else self.local(param.grad).view(-1)
         start = self.row_range(param)[0] * (param.numel() // max(1, param.shape[0]))
         return Piece(weight.view(-1), grad, start)
+
+    def whole_groups(self, params: list[torch.Tensor], m: int) -> list[tuple[Piece, torch.Tensor]]:
+        """Per parameter, this rank's piece and its values extended to whole groups of `m` (from the
+        piece's start rounded down to its stop rounded up); all ranks call. Whole rows are whole groups."""
+        out = []
+        for param in params:
+            piece = self.piece(param)
+            if piece.start % m or piece.stop % m:
+                raise RuntimeError(f"a piece [{piece.start}, {piece.stop}) cuts groups of {m}")
+            out.append((piece, piece.weight))
+        return out
+
+    # --- masks -----------------------------------------------------------------------------
+
+    def mask_row(self, linear: nn.Linear) -> int:
+        """Elements per packed row of the mask of `linear`'s weight: its rows, sharded with them."""
+        return linear.in_features
+
+    def mask_bits(self, layer: SparseLinear, piece: Piece) -> tuple[torch.Tensor, int]:
+        """The packed mask rows this rank holds for `layer`, and the flat index of their first element."""
+        return self.local(layer.mask), piece.start
+
+    def mask_range(self, layer: SparseLinear, piece: Piece, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Flat bool mask of elements [lo, hi) of `piece` of the layer's weight (no collective)."""
+        bits, origin = self.mask_bits(layer, piece)
+        hi = piece.weight.numel() if hi is None else hi
+        return layer.unpack_bits(bits, piece.start - origin + lo, piece.start - origin + hi)
+
+    @torch.no_grad()
+    def set_mask_piece(self, layer: SparseLinear, piece: Piece, mask: torch.Tensor) -> None:
+        """Store the flat bool mask of `piece` (where `local_masks`; no collective)."""
+        bits, origin = self.mask_bits(layer, piece)
+        if not self.local_masks or origin != piece.start:
+            raise RuntimeError("this backend does not store masks by piece: set the full mask")
+        bits.copy_(layer.pack_bits(mask, bits.shape[0]))
+
+    def full_mask(self, layer: SparseLinear) -> torch.Tensor:
+        """The [out, in] bool mask on every rank (a collective on sharded backends)."""
+        return layer.dense_mask(self.full_tensor(layer.mask))
+
+    def set_full_mask(self, layer: SparseLinear, mask: torch.Tensor) -> None:
+        """Store this rank's share of a full [out, in] bool mask (all ranks call)."""
+        self.set_full(layer.mask, layer.pack(mask))
 
     def optimizer_layout(self) -> OptimizerLayout:
         """The tensors the prepared optimizer updates; here each parameter is its own."""

@@ -3,10 +3,15 @@
 ZeRO flattens every optimizer parameter group into one fp32 buffer and gives each rank
 a contiguous slice of it (stages 1 and 2), or cuts every parameter into flat slices
 (stage 3). A rank's piece of a weight is therefore a flat range that may cut rows and
-2:4 groups (`whole_rows = False`): masks are decided on the gathered fp32 weight, and
-per-element terms (masked decay, smoothed moments) are applied to the flat pieces with
-the mask sliced to the same range. A mask is stored like its weight: replicated under
-stages 1 and 2 (as the weight is), partitioned under stage 3.
+2:4 groups (`whole_rows = False`). A mask is stored like its weight:
+- stages 1 and 2 replicate it (as they do the weight); masks are decided on the gathered
+  fp32 weight and set whole on every rank;
+- stage 3 packs it in one row per partition of the weight (`mask_row` = the partition
+  size), so DeepSpeed's partition of the mask holds exactly the bits of the rank's
+  partition of the weight and is gathered with it for the forward. Masks of whole 2:4
+  groups are decided on the rank's own fp32 piece, completed to whole groups by the few
+  values its neighbours hold (`whole_groups`, one small all-gather per refresh): no
+  per-step gather of a weight or a mask.
 
 The optimizer is the run's own torch optimizer (AdamW, or MomentAdam for AST/CAST);
 DeepSpeed steps it on the flat fp32 pieces. A pre-step hook on it gives the method the
@@ -28,10 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsedist.checkpoint.pieces import Pieces, assemble, read_pieces, write_pieces
+from sparsedist.checkpoint.pieces import Pieces, assemble, assemble_mask, read_pieces, write_pieces
 from sparsedist.config.schema import Recipe
 from sparsedist.parallel.backend import OptimizerLayout, ParallelBackend, Piece, UpdateHook
 from sparsedist.parallel.runtime import Runtime
+from sparsedist.sparsity.layer import SparseLinear, sparse_layers
+from sparsedist.sparsity.masks import pack_mask, packed_width
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -78,6 +85,7 @@ class ZeroBackend(ParallelBackend):
         super().__init__(recipe.parallel, runtime)
         self.config = deepspeed_config(recipe)
         self.stage = self.config["zero_optimization"]["stage"]
+        self.local_masks = self.stage == 3
         self.engine: Any = None
         self._hook: UpdateHook | None = None
         self._first = False
@@ -103,7 +111,17 @@ class ZeroBackend(ParallelBackend):
                                                             dist_init_required=False)
         optimizer.register_step_pre_hook(self._pre_step)
         self.engine = engine
+        if self.stage == 3:
+            self._check_mask_partitions(engine.module)
         return engine, zero_optimizer
+
+    def _check_mask_partitions(self, module: nn.Module) -> None:
+        for name, layer in sparse_layers(module):
+            weight, mask = layer.weight.ds_tensor.numel(), layer.mask.ds_tensor.numel()
+            if weight != layer.mask_row or mask != packed_width(layer.mask_row):
+                raise RuntimeError(f"{name}: ZeRO-3 partitions of {weight} weights and {mask} mask bytes do "
+                                   f"not match the mask layout of {layer.mask_row} bits per rank (is "
+                                   "stage3_param_persistence_threshold overridden?)")
 
     @staticmethod
     def _module(model: nn.Module) -> nn.Module:
@@ -137,6 +155,41 @@ class ZeroBackend(ParallelBackend):
             start = mapping.lp_fragment_address.start
         grad = None if flat.grad is None else flat.grad.narrow(0, offset, numel)
         return Piece(flat.narrow(0, offset, numel), grad, start)
+
+    def mask_row(self, linear: nn.Linear) -> int:
+        """Stage 3: one packed row per partition of the weight (DeepSpeed's ceil(numel / world))."""
+        if self.stage < 3:
+            return linear.in_features
+        return -(-linear.weight.numel() // self.runtime.world_size)
+
+    def mask_bits(self, layer: SparseLinear, piece: Piece) -> tuple[torch.Tensor, int]:
+        if self.stage < 3:
+            return layer.mask, 0  # replicated, whole
+        return layer.mask.ds_tensor.view(1, -1), piece.start
+
+    def whole_groups(self, params: list[torch.Tensor], m: int) -> list[tuple[Piece, torch.Tensor]]:
+        """Stage 3: one all-gather of every piece's first and last m−1 values gives each rank the
+        values of the groups its partition boundaries cut (rank q holds [q·size, (q+1)·size))."""
+        if self.stage < 3 or self.runtime.world_size == 1:
+            return super().whole_groups(params, m)
+        pieces = [self.piece(param) for param in params]
+        halo = m - 1
+        edges = torch.zeros(len(pieces), 2, halo, dtype=torch.float32, device=self.runtime.device)
+        for i, piece in enumerate(pieces):
+            head, tail = piece.weight[:halo], piece.weight[-halo:]
+            edges[i, 0, :head.numel()] = head
+            edges[i, 1, halo - tail.numel():] = tail
+        gathered = [torch.empty_like(edges) for _ in range(self.runtime.world_size)]
+        torch.distributed.all_gather(gathered, edges)
+        out = []
+        for i, (param, piece) in enumerate(zip(params, pieces, strict=True)):
+            size, total = param.ds_tensor.numel(), param.ds_numel
+            left = range(piece.start - piece.start % m, piece.start)
+            right = range(piece.stop, min(total, -(-piece.stop // m) * m)) if piece.weight.numel() else range(0)
+            values = [_held(gathered, i, j, size, total) for j in left]
+            values += [piece.weight] + [_held(gathered, i, j, size, total) for j in right]
+            out.append((piece, torch.cat([v.view(-1) for v in values])))
+        return out
 
     def optimizer_layout(self) -> OptimizerLayout:
         zero = self.engine.optimizer
@@ -196,16 +249,24 @@ class ZeroBackend(ParallelBackend):
         module = self._module(model)
         state = {name: self.full_tensor(p).cpu() for name, p in module.named_parameters()}
         state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+        for name, layer in sparse_layers(module):  # masks in their usual layout: packed weight rows
+            state[f"{name}.mask"] = pack_mask(layer.dense_mask(state[f"{name}.mask"]))
         state.update({name: b.detach().cpu() for name, b in persistent_buffers(module)})
         return state if self.runtime.is_main else {}
 
     def save_state(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Each rank writes the pieces it owns (checkpoint/pieces.py), so any world size can read them."""
+        """Each rank writes the pieces it owns (checkpoint/pieces.py), so any world size can read them.
+        A mask is written as the bool mask of each rank's weight piece (one byte per weight on disk),
+        which reads back into any partition."""
         module = self._module(model)
         pieces: dict[str, tuple[int, torch.Tensor]] = {}
+        masks = {f"{name}.mask": layer for name, layer in sparse_layers(module)}
         states = self._optimizer_states(optimizer)
         for name, param in module.named_parameters():
-            if param.requires_grad:
+            if name in masks:
+                piece = self.piece(masks[name].weight)
+                pieces[name] = (piece.start, self.mask_range(masks[name], piece))
+            elif param.requires_grad:
                 piece = self.piece(param)
                 pieces[name] = (piece.start, piece.weight.clone())
                 for key, tensor in states.get(id(param), {}).items():
@@ -224,9 +285,13 @@ class ZeroBackend(ParallelBackend):
     def load_state(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         saved, files = read_pieces(path)
         module = self._module(model)
+        masks = {f"{name}.mask": layer for name, layer in sparse_layers(module)}
         for name, param in module.named_parameters():
-            full = assemble(saved, name, _numel(param))
-            self.set_full(param, full.to(torch.float32 if param.requires_grad else param.dtype))
+            if name in masks:
+                self.set_full_mask(masks[name], assemble_mask(saved, name, masks[name]))
+            else:
+                full = assemble(saved, name, _numel(param))
+                self.set_full(param, full.to(torch.float32 if param.requires_grad else param.dtype))
         for name, buffer in persistent_buffers(module):
             buffer.copy_(assemble(saved, name, buffer.numel()).reshape(buffer.shape))
         if optimizer is not None:
@@ -264,6 +329,15 @@ class ZeroBackend(ParallelBackend):
         size = param.ds_tensor.numel()
         start = self.runtime.rank * size
         return start, max(0, min(size, param.ds_numel - start))
+
+
+def _held(gathered: list[torch.Tensor], i: int, j: int, size: int, total: int) -> torch.Tensor:
+    """Element j of parameter i from the edges every rank sent (`whole_groups`): ranks hold `size`
+    elements each (the last ones fewer), their first and last m−1 (right-aligned) were sent."""
+    owner, pos = divmod(j, size)
+    halo = gathered[owner].shape[-1]
+    held = min(size, total - owner * size)
+    return gathered[owner][i, 0, pos] if pos < halo else gathered[owner][i, 1, pos - held + halo]
 
 
 def persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -46,6 +46,19 @@ def unpack_mask(bits: torch.Tensor, cols: int) -> torch.Tensor:
     return ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(bits.shape[0], bits.shape[1] * 8)[:, :cols]
 
 
+def pack_rows(flat: torch.Tensor, rows: int, row: int) -> torch.Tensor:
+    """Pack a flat bool mask as `rows` rows of `row` elements ([rows, ceil(row/8)] uint8), zero-padded."""
+    padded = torch.nn.functional.pad(flat.reshape(-1), (0, rows * row - flat.numel()))
+    return pack_mask(padded.view(rows, row))
+
+
+def unpack_rows(bits: torch.Tensor, row: int, lo: int, hi: int) -> torch.Tensor:
+    """Elements [lo, hi) of the flat bool mask packed as rows of `row` elements (unpacks only their rows)."""
+    first = lo // row
+    rows = unpack_mask(bits[first: -(-hi // row)], row).reshape(-1)
+    return rows[lo - first * row: hi - first * row]
+
+
 def packed_width(cols: int) -> int:
     """Bytes per row of a packed mask."""
     return (cols + 7) // 8

@@ -50,7 +50,7 @@ class AST(MomentAdamMethod):
         if self.cfg.slorb:
             for layer in self.layers.values():
                 weight = self.backend.full_tensor(layer.weight)
-                pruned = (weight * ~self.full_mask(layer)).reshape(weight.shape[0], -1, self.cfg.slorb_k)
+                pruned = (weight * ~self.backend.full_mask(layer)).reshape(weight.shape[0], -1, self.cfg.slorb_k)
                 self.backend.set_full(layer.branch.s, pruned.mean(-1))
 
     def decay_at(self, step: int) -> float:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsedist.config.schema import OptimConfig
@@ -13,7 +13,7 @@ from sparsedist.config.sparsity import SparsityConfig
 from sparsedist.models.families import Family
 from sparsedist.parallel.backend import ParallelBackend, Piece
 from sparsedist.sparsity.layer import Gemm, SparseLinear, dense_weight
-from sparsedist.sparsity.masks import count_flips, nm_mask, pack_mask, unpack_mask
+from sparsedist.sparsity.masks import nm_mask
 
 
 def target_linears(model: nn.Module, family: Family, cfg: SparsityConfig) -> list[tuple[str, nn.Linear]]:
@@ -43,14 +43,14 @@ class SparsityMethod:
 
     A method sees parameters through the backend only: full tensors (`full_tensor`,
     `set_full`, collectives) for rare whole-tensor work, and this rank's flat `piece`s for
-    per-step element-wise work, with the mask sliced to the same range (`mask_piece`).
+    per-step element-wise work, with the mask of the same range (`backend.mask_range`).
     """
 
     name: ClassVar[str]
     delivers_sparse: bool = True
     """Whether `finalize` leaves every owned weight exactly N:M (the export verifies it)."""
-    row_local: bool = True
-    """Whether `decide` may run on any whole rows (N:M groups); False for 4×4 blocks."""
+    group_local: bool = True
+    """Whether `decide` may run on any set of whole N:M groups (as [groups, m]); False for 4×4 blocks."""
     transform = staticmethod(dense_weight)
     """The weight the forward uses, from the layer (dense weight, packed mask, extra state)."""
 
@@ -60,14 +60,15 @@ class SparsityMethod:
         self.total_steps = total_steps
         self.layers: dict[str, SparseLinear] = {}
         self.last_flip_rate: float | None = None
-        self._update_masks: dict[int, torch.Tensor | None] = {}
+        self._update_masks: dict[int, list[tuple[int, SparseLinear, Piece]]] = {}
 
     # --- the moments of a run ------------------------------------------------------------
 
     def convert(self, model: nn.Module, family: Family) -> None:
         """Replace the targeted linears of every block by `SparseLinear`s."""
         for name, linear in target_linears(model, family, self.cfg):
-            layer = SparseLinear.from_linear(linear, type(self).transform, self.gemm())
+            layer = SparseLinear.from_linear(linear, type(self).transform, self.gemm(),
+                                             self.backend.mask_row(linear))
             self.extend(layer)
             model.set_submodule(name, layer)
             self.layers[name] = layer
@@ -85,7 +86,8 @@ class SparsityMethod:
         `first` marks the first call of the step (all ranks, in the same order)."""
         if first:
             self.after_backward(step)
-            self._update_masks = self.update_masks() if self.masks_in_update(step) else {}
+            if self.masks_in_update(step):
+                self.prepare_update_masks()
         for tensor in tensors:
             self.gradient_term(step, tensor)
 
@@ -110,13 +112,13 @@ class SparsityMethod:
         """Hard-prune: the delivered weights are exactly N:M sparse."""
         for layer in self.layers.values():
             weight = self.backend.full_tensor(layer.weight)
-            self.backend.set_full(layer.weight, weight * self.full_mask(layer))
+            self.backend.set_full(layer.weight, weight * self.backend.full_mask(layer))
 
     # --- what a method may customise -----------------------------------------------------
 
-    def gemm(self) -> Gemm:
-        """The product of the sparse layers."""
-        return F.linear
+    def gemm(self) -> Gemm | None:
+        """The product of the sparse layers (None: the plain `F.linear`)."""
+        return None
 
     def extend(self, layer: SparseLinear) -> None:
         """Add method state to a freshly converted layer (before sharding)."""
@@ -135,78 +137,66 @@ class SparsityMethod:
 
     # --- shared bookkeeping --------------------------------------------------------------
 
-    def full_mask(self, layer: SparseLinear) -> torch.Tensor:
-        """The whole bool mask of a layer (a collective on partitioned backends)."""
-        return unpack_mask(self.backend.full_tensor(layer.mask), layer.in_features)
-
-    def mask_piece(self, layer: SparseLinear, piece: Piece) -> torch.Tensor:
-        """The flat bool mask of `piece` of the layer's weight (a collective where masks are partitioned)."""
-        cols = layer.in_features
-        if self.backend.whole_rows:
-            mask = unpack_mask(self.backend.local(layer.mask), cols).reshape(-1)
-        else:
-            first, last = piece.start // cols, -(-piece.stop // cols)
-            bits = self.backend.full_tensor(layer.mask)[first:last]
-            mask = unpack_mask(bits, cols).reshape(-1)[piece.start - first * cols: piece.stop - first * cols]
-        if mask.numel() != piece.weight.numel():
-            raise RuntimeError(f"mask piece of {mask.numel()} elements for a weight piece of "
-                               f"{piece.weight.numel()}: misaligned sharding")
-        return mask
-
     def local_pieces(self) -> list[tuple[SparseLinear, Piece, torch.Tensor]]:
-        """(layer, this rank's weight piece, its flat bool mask) for every owned layer (all ranks call)."""
+        """(layer, this rank's weight piece, its flat bool mask) for every owned layer (no collective)."""
         out = []
         for layer in self.layers.values():
             piece = self.backend.piece(layer.weight)
-            out.append((layer, piece, self.mask_piece(layer, piece)))
+            out.append((layer, piece, self.backend.mask_range(layer, piece)))
         return out
 
-    def update_masks(self) -> dict[int, torch.Tensor | None]:
-        """Per optimizer tensor (by id): the bool mask aligned with its local values, or None where
-        it holds no sparse weight. Every tensor gets an entry: a missing one is an error, not dense."""
-        pieces = {id(layer.weight): mask for layer, _, mask in self.local_pieces()}
-        out: dict[int, torch.Tensor | None] = {}
-        for tensor, members in self.backend.optimizer_layout():
-            local = self.backend.local(tensor)
-            mask = None
-            for param, offset in members:
-                if id(param) in pieces:
-                    if mask is None:
-                        mask = torch.ones(local.numel(), dtype=torch.bool, device=local.device)
-                    piece_mask = pieces[id(param)]
-                    mask[offset: offset + piece_mask.numel()] = piece_mask
-            out[id(tensor)] = None if mask is None else mask.view(local.shape)
-        return out
+    def prepare_update_masks(self) -> None:
+        """Record, per optimizer tensor, which sparse weight pieces it holds and where. Every tensor gets
+        an entry (possibly empty): one without is an error in `update_mask`, never a dense update."""
+        layers = {id(layer.weight): layer for layer in self.layers.values()}
+        self._update_masks = {}
+        for tensor, members in self.backend.optimizer_layout():  # pieces without gradients: they outlive the step
+            self._update_masks[id(tensor)] = [(offset, layers[id(param)], replace(self.backend.piece(param), grad=None))
+                                              for param, offset in members if id(param) in layers]
 
-    def update_mask(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """The mask aligned with an optimizer tensor for this step's update (None: no sparse weight)."""
+    def update_mask(self, tensor: torch.Tensor, part: slice) -> torch.Tensor | None:
+        """The bool mask of elements `part` of an optimizer tensor's local flat values, for this step's
+        update (None: no sparse weight there). Unpacked per call, so it costs no more than `part`."""
         try:
-            return self._update_masks[id(tensor)]
+            members = self._update_masks[id(tensor)]
         except KeyError:
             raise RuntimeError("an optimizer tensor has no mask aligned with it: masks_in_update was not "
                                "prepared for this step, or the optimizer holds a tensor the backend did not "
                                "report") from None
+        lo, hi = part.start, min(part.stop, self.backend.local(tensor).numel())
+        mask = None
+        for offset, layer, piece in members:
+            first, last = max(lo, offset), min(hi, offset + piece.weight.numel())
+            if first < last:
+                if mask is None:
+                    mask = torch.ones(hi - lo, dtype=torch.bool, device=piece.weight.device)
+                mask[first - lo: last - lo] = self.backend.mask_range(layer, piece, first - offset, last - offset)
+        return mask
 
     @torch.no_grad()
     def refresh_masks(self) -> None:
-        """Recompute every mask and record the global flip rate. Row-local decisions run on the local
-        rows where the backend shards whole rows; others on the gathered weight, alike on every rank."""
+        """Recompute every mask and record the global flip rate. Decisions on whole N:M groups run on
+        this rank's pieces where the backend stores masks by piece; others (4×4 blocks, replicated
+        masks) on the gathered weight, alike on every rank."""
         flips = elements = 0
-        local = self.backend.whole_rows and self.row_local
-        for layer in self.layers.values():
-            if local:
-                bits = self.backend.local(layer.mask)
-                new_bits = pack_mask(self.decide(self.backend.local(layer.weight)))
-                flips += count_flips(bits, new_bits)
-                elements += self.backend.local(layer.weight).numel()
-                bits.copy_(new_bits)
-            else:
-                old_bits = self.backend.full_tensor(layer.mask)
-                new_bits = pack_mask(self.decide(self.backend.full_tensor(layer.weight)))
+        layers = list(self.layers.values())
+        if self.group_local and self.backend.local_masks:
+            m = self.cfg.m
+            grouped = self.backend.whole_groups([layer.weight for layer in layers], m)
+            for layer, (piece, groups) in zip(layers, grouped, strict=True):
+                lead = piece.start % m
+                new = self.decide(groups.view(-1, m)).view(-1)[lead: lead + piece.weight.numel()]
+                flips += int((self.backend.mask_range(layer, piece) != new).sum())
+                elements += new.numel()
+                self.backend.set_mask_piece(layer, piece, new)
+        else:
+            for layer in layers:
+                old = self.backend.full_mask(layer)
+                new = self.decide(self.backend.full_tensor(layer.weight))
                 if self.backend.runtime.is_main:  # the same full tensors on every rank: count once
-                    flips += count_flips(old_bits, new_bits)
-                    elements += layer.weight.shape[0] * layer.in_features
-                self.backend.set_full(layer.mask, new_bits)
+                    flips += int((old != new).sum())
+                    elements += new.numel()
+                self.backend.set_full_mask(layer, new)
         flips, elements = self.backend.all_reduce_sum([flips, elements])
         self.last_flip_rate = flips / elements if elements else 0.0
 

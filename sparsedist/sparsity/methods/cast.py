@@ -66,5 +66,5 @@ class CAST(MomentAdamMethod):
         self.refresh_masks()
         for layer in self.layers.values():
             weight, scale = self.backend.full_tensor(layer.weight), self.backend.full_tensor(layer.scale)
-            self.backend.set_full(layer.weight, weight * expanded_scale(layer, scale) * self.full_mask(layer))
+            self.backend.set_full(layer.weight, weight * expanded_scale(layer, scale) * self.backend.full_mask(layer))
             self.backend.set_full(layer.scale, torch.ones_like(scale))

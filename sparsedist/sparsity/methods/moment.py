@@ -27,10 +27,10 @@ class MomentAdamMethod(SparsityMethod):
 
     def _moment(self, tensor: torch.Tensor, part: slice, weight: torch.Tensor, momentum: torch.Tensor
                 ) -> torch.Tensor:
-        mask = self.update_mask(tensor)
+        mask = self.update_mask(tensor, part)
         if mask is None:
-            return momentum  # no sparse weight in this tensor: u = m
-        return self.smoothed_moment(weight, momentum, mask.view(-1)[part])
+            return momentum  # no sparse weight in this part of the tensor: u = m
+        return self.smoothed_moment(weight, momentum, mask)
 
     def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """u from this rank's values of W, m and the aligned bool mask, at step `self.step`."""

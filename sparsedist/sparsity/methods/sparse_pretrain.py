@@ -9,7 +9,6 @@ dense (plain F.linear on the full W), so the delivered model is dense.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from sparsedist.sparsity.gemm import sparse_gemm
 from sparsedist.sparsity.layer import Gemm, dense_weight
@@ -21,7 +20,7 @@ from sparsedist.sparsity.transposable import transposable_mask
 class SparsePretrain(SparsityMethod):
     name = "sparse_pretrain"
     transform = staticmethod(masked_ste_weight)
-    row_local = False  # 4×4 blocks: a row shard may cut them, so decide on the gathered weight
+    group_local = False  # 4×4 blocks: a shard may cut them, so decide on the gathered weight
 
     @property
     def delivers_sparse(self) -> bool:
@@ -32,8 +31,8 @@ class SparsePretrain(SparsityMethod):
         """First step of the dense fine-tuning phase (total steps when there is none)."""
         return round(self.total_steps * (1 - self.cfg.dense_finetune_fraction))
 
-    def gemm(self) -> Gemm:
-        return sparse_gemm(mvue=True, fp8=False) if self.cfg.mvue else F.linear
+    def gemm(self) -> Gemm | None:
+        return sparse_gemm(mvue=True, fp8=False) if self.cfg.mvue else None
 
     def decide(self, weight: torch.Tensor) -> torch.Tensor:
         return transposable_mask(weight)
@@ -41,7 +40,7 @@ class SparsePretrain(SparsityMethod):
     def before_step(self, step: int) -> None:
         if step >= self.dense_from:
             for layer in self.layers.values():
-                layer.transform, layer.gemm = dense_weight, F.linear
+                layer.transform, layer.gemm = dense_weight, None
 
     def masks_in_update(self, step: int) -> bool:
         return step < self.dense_from

@@ -11,7 +11,6 @@ The mask parameter records the support of S(W) for flip-rate monitoring only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from sparsedist.sparsity.gemm import sparse_gemm
 from sparsedist.sparsity.layer import Gemm, SparseLinear, straight_through
@@ -28,8 +27,8 @@ class SSTE(SparsityMethod):
     name = "sste"
     transform = staticmethod(soft_threshold_weight)
 
-    def gemm(self) -> Gemm:
-        return sparse_gemm(self.cfg.mvue, self.cfg.fp8) if self.cfg.mvue or self.cfg.fp8 else F.linear
+    def gemm(self) -> Gemm | None:
+        return sparse_gemm(self.cfg.mvue, self.cfg.fp8) if self.cfg.mvue or self.cfg.fp8 else None
 
     def extend(self, layer: SparseLinear) -> None:
         layer.register_buffer("beta", torch.ones((), dtype=torch.float32, device=layer.weight.device))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from sparsedist.sparsity.adam import CHUNK
 from sparsedist.sparsity.layer import SparseLinear, straight_through
-from sparsedist.sparsity.masks import unpack_mask
 from sparsedist.sparsity.methods.base import SparsityMethod
 
 
 def masked_ste_weight(layer: SparseLinear) -> torch.Tensor:
     """M⊙W in the forward, identity in the backward."""
-    return straight_through(layer.weight, lambda w: w * unpack_mask(layer.mask, w.shape[1]).to(w.dtype))
+    return straight_through(layer.weight, lambda w: w * layer.dense_mask().to(w.dtype))
 
 
 class STE(SparsityMethod):
@@ -41,7 +41,11 @@ class SRSTE(STE):
 @torch.no_grad()
 def add_masked_decay(method: SparsityMethod, tensor: torch.Tensor, decay: float) -> None:
     """grad += decay·(1−M)⊙W on this rank's values of one optimizer tensor (SR-STE, ICML'24)."""
-    mask = method.update_mask(tensor)
-    if mask is not None and tensor.grad is not None:
-        local = method.backend.local
-        local(tensor.grad).add_(local(tensor) * ~mask, alpha=decay)
+    if tensor.grad is None:
+        return
+    weight, grad = method.backend.local(tensor).view(-1), method.backend.local(tensor.grad).view(-1)
+    for start in range(0, weight.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
+        mask = method.update_mask(tensor, part)
+        if mask is not None:
+            grad[part].add_(weight[part] * ~mask, alpha=decay)
