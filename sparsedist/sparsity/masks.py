@@ -24,13 +24,13 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     if weight.dim() != 2 or weight.shape[1] % m:
         raise ValueError(f"nm_mask: weight of shape {tuple(weight.shape)} has no whole groups of {m} along dim 1")
     rows, cols = weight.shape
-    magnitude = weight.detach().abs().reshape(rows, cols // m, m)
-    index = torch.arange(m, device=weight.device)
-    rank = torch.zeros(magnitude.shape, dtype=torch.uint8, device=weight.device)
-    for j in range(m):
-        other = magnitude[..., j : j + 1]
-        rank += (other > magnitude) | ((other == magnitude) & (j < index))
-    return (rank < n).reshape(weight.shape)
+    magnitude = weight.detach().abs().reshape(rows, cols // m, m).unbind(-1)
+    rank = [torch.zeros(rows, cols // m, dtype=torch.uint8, device=weight.device) for _ in range(m)]
+    for i in range(m):  # rank = how many of the group outrank the element: each pair compared once
+        for j in range(i + 1, m):
+            rank[j] += magnitude[i] >= magnitude[j]  # a tie goes to i, the lower index
+            rank[i] += magnitude[j] > magnitude[i]
+    return (torch.stack(rank, -1) < n).reshape(weight.shape)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
