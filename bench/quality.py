@@ -1,6 +1,10 @@
 """Validation perplexity of every method on the embedded corpus, over seeds, against dense.
 
-    python bench/quality.py --seeds 0 1 2 [--pretrain-steps 1250] [--retrain-fraction 0.25]
+    python bench/quality.py --regime a|b [--seeds 0 1 2] [--pretrain-steps N] [--retrain-fraction F]
+
+Regime a: the dense model trained 1250 steps (a few epochs), retrained to 2:4 with 25% of its
+tokens. Regime b: trained 5000 steps (close to convergence), retrained with 3% (the papers
+retrain converged models with 0.4–2%); its from-scratch cells are those of regime a.
 
 Per seed, with the tiny Llama of recipes/tiny (real runs through `sparsedist train`, one
 process, MLflow store under the work dir):
@@ -8,11 +12,14 @@ process, MLflow store under the work dir):
 1. dense pretraining for `--pretrain-steps` (recipes/tiny/dense.yaml);
 2. one-shot 2:4 of that model: magnitude, Wanda, SparseGPT, ALPS (validation at step 0);
 3. retraining to 2:4 with `--retrain-fraction` of the pretraining tokens: STE, SR-STE, AST,
-   AST+SLoRB, CAST, and the dense model continued for as long (the fair ceiling);
+   AST+SLoRB, CAST, and the dense model continued for as long (the fair ceiling), plain
+   and with the same self-distillation as AST and CAST (their ceiling);
 4. from scratch at the pretraining budget: `sparse_pretrain` and `sste` (dense = step 1).
 
-Prints a table of mean ± standard deviation over seeds and the ratio to the dense
-continuation, and writes it with this command line to `--out`.
+Prints a table of mean ± standard deviation over seeds and the ratio to each cell's dense
+baseline, and writes it with this command line to `--out`. A finished cell is cached
+(`result.json`), and every cell checkpoints every 250 steps and resumes from there, so an
+interrupted invocation continues where it stopped when run again.
 """
 
 from __future__ import annotations
@@ -33,8 +40,12 @@ from report import write_section  # noqa: E402
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 ONESHOT = ("magnitude", "wanda", "sparsegpt", "alps")
 DENSE_PRETRAINED, CEILING = "dense, pretrained", "dense, continued (ceiling)"
+CEILING_KD = "dense, continued with KD (ceiling)"
 """The baselines: from-scratch cells compare with dense pretraining at the same budget; the others
-with the dense model continued for as long as the retraining (the fair ceiling)."""
+with the dense model continued for as long as the retraining (the fair ceiling), with the same
+distillation where the method distils."""
+KD = "distill={weight: 0.3333, teacher: {path: self, placement: sharded}}"
+"""The self-distillation of recipes/tiny/ast.yaml and cast.yaml."""
 
 
 @dataclass(frozen=True)
@@ -46,13 +57,19 @@ class Cell:
     overrides: tuple[str, ...] = ()
     initial: bool = False
     stage: str = "retrain"
+    baseline: str = CEILING
 
     @property
     def slug(self) -> str:
         return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
 
 
-def cells(retrain_steps: int, pretrain_steps: int) -> list[Cell]:
+REGIMES = {"a": (1250, 0.25), "b": (5000, 0.03)}
+"""Regime: (pretraining steps, fraction of its tokens retrained)."""
+CHECKPOINT_INTERVAL = 250
+
+
+def cells(retrain_steps: int, pretrain_steps: int, scratch_cells: bool) -> list[Cell]:
     retrain = (f"train.steps={retrain_steps}", f"schedule.warmup_steps={max(1, retrain_steps // 20)}")
     scratch = (f"train.steps={pretrain_steps}",)
     return [
@@ -61,13 +78,16 @@ def cells(retrain_steps: int, pretrain_steps: int) -> list[Cell]:
                ("train.steps=1", "schedule.warmup_steps=0", f"sparsity={{method: ste, oneshot: {name}}}"),
                initial=True, stage="one-shot") for name in ONESHOT),
         Cell(CEILING, "retrain.yaml", retrain),
+        Cell(CEILING_KD, "retrain.yaml", (*retrain, KD)),
         Cell("STE", "ste.yaml", retrain),
         Cell("SR-STE", "srste.yaml", retrain),
-        Cell("AST", "ast.yaml", retrain),
-        Cell("AST + SLoRB", "ast-slorb.yaml", retrain),
-        Cell("CAST", "cast.yaml", retrain),
-        Cell("sparse_pretrain (from scratch)", "sparse-pretrain.yaml", scratch, stage="scratch"),
-        Cell("S-STE (from scratch)", "sste.yaml", scratch, stage="scratch"),
+        Cell("AST", "ast.yaml", retrain, baseline=CEILING_KD),
+        Cell("AST + SLoRB", "ast-slorb.yaml", retrain, baseline=CEILING_KD),
+        Cell("CAST", "cast.yaml", retrain, baseline=CEILING_KD),
+        *([Cell("sparse_pretrain (from scratch)", "sparse-pretrain.yaml", scratch, stage="scratch",
+                baseline=DENSE_PRETRAINED),
+           Cell("S-STE (from scratch)", "sste.yaml", scratch, stage="scratch", baseline=DENSE_PRETRAINED)]
+          if scratch_cells else []),
     ]
 
 
@@ -80,14 +100,15 @@ def run_cell(cell: Cell, seed: int, workdir: Path, start: Path) -> float:
             f"train.seed={seed}", f"train.output_dir={out}", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
             "tracking.experiment=quality", f"tracking.run_name={cell.label} seed {seed}",
             "parallel.nproc_per_node=1", "parallel.backend=none", "eval.sequences=null", "eval.interval=100000",
-            "checkpoint.interval=100000", "checkpoint.keep=1", "train.global_batch=16", "train.micro_batch=16",
+            f"checkpoint.interval={CHECKPOINT_INTERVAL}", "checkpoint.keep=1", "train.global_batch=16",
+            "train.micro_batch=16",
             *([] if cell.stage in ("pretrain", "scratch") else [f"model.pretrained={start}"]),
             *cell.overrides,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
         out.mkdir(parents=True, exist_ok=True)
         print(f"seed {seed}: {cell.label} (log: {out / 'train.log'})", flush=True)
-        with open(out / "train.log", "w") as log:
+        with open(out / "train.log", "a") as log:
             subprocess.run([sys.executable, "-m", "sparsedist", "train", str(RECIPES / cell.recipe), *overrides],
                            check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
         result.write_text(json.dumps({"val_ppl": read_ppl(workdir, out, cell.initial)}))
@@ -106,14 +127,19 @@ def read_ppl(workdir: Path, out: Path, initial: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="a")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--pretrain-steps", type=int, default=1250)
-    parser.add_argument("--retrain-fraction", type=float, default=0.25)
-    parser.add_argument("--workdir", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--pretrain-steps", type=int, help="default: the regime's")
+    parser.add_argument("--retrain-fraction", type=float, help="default: the regime's")
+    parser.add_argument("--workdir", type=Path, help="default: runs/quality (regime a), runs/quality-b")
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
     args = parser.parse_args()
+    pretrain_steps, fraction = REGIMES[args.regime]
+    args.pretrain_steps = args.pretrain_steps or pretrain_steps
+    args.retrain_fraction = args.retrain_fraction or fraction
+    args.workdir = args.workdir or Path("runs/quality" if args.regime == "a" else f"runs/quality-{args.regime}")
     retrain_steps = max(1, round(args.pretrain_steps * args.retrain_fraction))
-    table = cells(retrain_steps, args.pretrain_steps)
+    table = cells(retrain_steps, args.pretrain_steps, scratch_cells=args.regime == "a")
     results: dict[str, list[float]] = {cell.label: [] for cell in table}
     for seed in args.seeds:
         start = None
@@ -128,13 +154,12 @@ def main() -> None:
         values = results[cell.label]
         mean = statistics.mean(values)
         spread = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "–"
-        baseline = DENSE_PRETRAINED if cell.stage == "scratch" else CEILING
-        ratio = mean / statistics.mean(results[baseline])
-        lines.append(f"| {cell.label} | {mean:.2f} ± {spread} | {ratio:.3f}× | {baseline} | {len(values)} |")
+        ratio = mean / statistics.mean(results[cell.baseline])
+        lines.append(f"| {cell.label} | {mean:.2f} ± {spread} | {ratio:.3f}× | {cell.baseline} | {len(values)} |")
     text = "\n".join(lines)
     print(text)
     command = " ".join(["python bench/quality.py", *sys.argv[1:]])
-    write_section(args.out, "Validation perplexity by method (embedded corpus, tiny Llama)", (
+    write_section(args.out, f"Validation perplexity by method, regime {args.regime} (embedded corpus, tiny Llama)", (
         f"Command: `{command}` · pretraining {args.pretrain_steps} steps × 16 × 128 tokens · retraining "
         f"{retrain_steps} steps ({args.retrain_fraction:.0%} of the pretraining tokens) · whole validation split "
         f"(Hamlet, The Tempest, the Sonnets, Paradise Regained) · seeds {args.seeds}.\n\n{text}"))
