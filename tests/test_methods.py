@@ -356,3 +356,27 @@ def test_rebuilt_weight_product_has_the_gradients_of_the_plain_product():
     F.linear(x_ref, weight * expanded_scale(layer, scale)).backward(grad_out)
     for ours, reference in ((layer.weight.grad, weight.grad), (layer.scale.grad, scale.grad), (x.grad, x_ref.grad)):
         torch.testing.assert_close(ours, reference)
+
+
+def test_the_plain_product_keeps_no_transformed_weight_when_f_linear_is_replaced(monkeypatch):
+    """DeepSpeed ZeRO-3 replaces F.linear with its own function; the layer must still rebuild M⊙W in
+    the backward rather than hand it to a product that keeps it alive until then."""
+    _, method = setup("srste")
+    layer, original = first(method), F.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: original(*args))
+    out = layer(torch.randn(2, 3, layer.in_features))
+    assert type(out.grad_fn).__name__ == "_RebuiltWeightLinearBackward"
+
+
+def test_update_masks_release_the_gradients_with_the_step():
+    """CAST keeps its update masks over its after_step; they must not keep gradients alive."""
+    import weakref
+
+    _, method = setup("cast")
+    fake_gradients(method)
+    grad = weakref.ref(first(method).weight.grad)
+    before_update(method, 0)
+    method.after_step(0)
+    for layer in method.layers.values():
+        layer.weight.grad = None
+    assert grad() is None
