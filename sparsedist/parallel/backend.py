@@ -69,8 +69,6 @@ every tensor, or (DeepSpeed) once per parameter group."""
 class ParallelBackend:
     """One process, no sharding: the reference every sharded backend must agree with."""
 
-    whole_rows = True
-    """Local pieces are whole rows of each parameter."""
     local_masks = True
     """Each rank stores the mask bits of exactly its pieces, and sets them without a collective."""
 

@@ -3,7 +3,7 @@
 ZeRO flattens every optimizer parameter group into one fp32 buffer and gives each rank
 a contiguous slice of it (stages 1 and 2), or cuts every parameter into flat slices
 (stage 3). A rank's piece of a weight is therefore a flat range that may cut rows and
-2:4 groups (`whole_rows = False`). A mask is stored like its weight:
+2:4 groups. A mask is stored like its weight:
 - stages 1 and 2 replicate it (as they do the weight); masks are decided on the gathered
   fp32 weight and set whole on every rank;
 - stage 3 packs it in one row per partition of the weight (`mask_row` = the partition
@@ -78,8 +78,6 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> None:
 
 class ZeroBackend(ParallelBackend):
     """ZeRO at `parallel.zero_stage` through a DeepSpeed engine (built in `prepare`)."""
-
-    whole_rows = False
 
     def __init__(self, recipe: Recipe, runtime: Runtime):
         super().__init__(recipe.parallel, runtime)
