@@ -181,9 +181,12 @@ class ZeroBackend(ParallelBackend):
         torch.distributed.all_gather(gathered, edges)
         out = []
         for i, (param, piece) in enumerate(zip(params, pieces, strict=True)):
+            if not piece.weight.numel():  # a rank past the end of a small parameter
+                out.append((piece, piece.weight))
+                continue
             size, total = param.ds_tensor.numel(), param.ds_numel
             left = range(piece.start - piece.start % m, piece.start)
-            right = range(piece.stop, min(total, -(-piece.stop // m) * m)) if piece.weight.numel() else range(0)
+            right = range(piece.stop, -(-piece.stop // m) * m)
             values = [_held(gathered, i, j, size, total) for j in left]
             values += [piece.weight] + [_held(gathered, i, j, size, total) for j in right]
             out.append((piece, torch.cat([v.view(-1) for v in values])))
