@@ -380,3 +380,12 @@ def test_update_masks_release_the_gradients_with_the_step():
     for layer in method.layers.values():
         layer.weight.grad = None
     assert grad() is None
+
+
+def test_a_piece_its_mask_bits_do_not_cover_is_refused():
+    _, method = setup("srste")
+    layer = first(method)
+    piece = method.backend.piece(layer.weight)
+    beyond = type(piece)(torch.zeros(8), None, piece.stop - 4)  # 4 weights past the end of the layer
+    with pytest.raises(RuntimeError, match="misaligned sharding"):
+        method.backend.mask_range(layer, beyond)

@@ -141,7 +141,11 @@ class ParallelBackend:
         """Flat bool mask of elements [lo, hi) of `piece` of the layer's weight (no collective)."""
         bits, origin = self.mask_bits(layer, piece)
         hi = piece.weight.numel() if hi is None else hi
-        return layer.unpack_bits(bits, piece.start - origin + lo, piece.start - origin + hi)
+        mask = layer.unpack_bits(bits, piece.start - origin + lo, piece.start - origin + hi)
+        if mask.numel() != hi - lo:
+            raise RuntimeError(f"the mask bits held here cover {mask.numel()} of the {hi - lo} weights "
+                               f"[{piece.start + lo}, {piece.start + hi}) of a piece: misaligned sharding")
+        return mask
 
     @torch.no_grad()
     def set_mask_piece(self, layer: SparseLinear, piece: Piece, mask: torch.Tensor) -> None:
