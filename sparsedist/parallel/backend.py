@@ -133,13 +133,13 @@ class ParallelBackend:
         """Elements per packed row of the mask of `linear`'s weight: its rows, sharded with them."""
         return linear.in_features
 
-    def mask_bits(self, layer: SparseLinear, piece: Piece) -> tuple[torch.Tensor, int]:
+    def mask_bits(self, layer: SparseLinear) -> tuple[torch.Tensor, int]:
         """The packed mask rows this rank holds for `layer`, and the flat index of their first element."""
-        return self.local(layer.mask), piece.start
+        return self.local(layer.mask), self.row_range(layer.mask)[0] * layer.mask_row
 
     def mask_range(self, layer: SparseLinear, piece: Piece, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Flat bool mask of elements [lo, hi) of `piece` of the layer's weight (no collective)."""
-        bits, origin = self.mask_bits(layer, piece)
+        bits, origin = self.mask_bits(layer)
         hi = piece.weight.numel() if hi is None else hi
         mask = layer.unpack_bits(bits, piece.start - origin + lo, piece.start - origin + hi)
         if mask.numel() != hi - lo:
@@ -150,7 +150,7 @@ class ParallelBackend:
     @torch.no_grad()
     def set_mask_piece(self, layer: SparseLinear, piece: Piece, mask: torch.Tensor) -> None:
         """Store the flat bool mask of `piece` (where `local_masks`; no collective)."""
-        bits, origin = self.mask_bits(layer, piece)
+        bits, origin = self.mask_bits(layer)
         if not self.local_masks or origin != piece.start:
             raise RuntimeError("this backend does not store masks by piece: set the full mask")
         bits.copy_(layer.pack_bits(mask, bits.shape[0]))

@@ -160,10 +160,10 @@ class ZeroBackend(ParallelBackend):
             return linear.in_features
         return -(-linear.weight.numel() // self.runtime.world_size)
 
-    def mask_bits(self, layer: SparseLinear, piece: Piece) -> tuple[torch.Tensor, int]:
+    def mask_bits(self, layer: SparseLinear) -> tuple[torch.Tensor, int]:
         if self.stage < 3:
             return layer.mask, 0  # replicated, whole
-        return layer.mask.ds_tensor.view(1, -1), piece.start
+        return layer.mask.ds_tensor.view(1, -1), self.runtime.rank * layer.mask_row
 
     def whole_groups(self, params: list[torch.Tensor], m: int) -> list[tuple[Piece, torch.Tensor]]:
         """Stage 3: one all-gather of every piece's first and last m−1 values gives each rank the
