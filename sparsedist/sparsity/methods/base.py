@@ -186,7 +186,7 @@ class SparsityMethod:
             for layer, (piece, groups) in zip(layers, grouped, strict=True):
                 lead = piece.start % m
                 new = self.decide(groups.view(-1, m)).view(-1)[lead: lead + piece.weight.numel()]
-                flips += int((self.backend.mask_range(layer, piece) != new).sum())
+                flips += (self.backend.mask_range(layer, piece) != new).sum()  # one device sync, below
                 elements += new.numel()
                 self.backend.set_mask_piece(layer, piece, new)
         else:
@@ -197,7 +197,7 @@ class SparsityMethod:
                     flips += int((old != new).sum())
                     elements += new.numel()
                 self.backend.set_full_mask(layer, new)
-        flips, elements = self.backend.all_reduce_sum([flips, elements])
+        flips, elements = self.backend.all_reduce_sum([int(flips), elements])
         self.last_flip_rate = flips / elements if elements else 0.0
 
     @torch.no_grad()
