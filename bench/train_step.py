@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import write_section
 
 from sparsedist.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from sparsedist.config.sparsity import METHOD_CONFIGS
@@ -36,19 +37,21 @@ METHODS = ("dense", "ste", "srste", "sparse_pretrain", "sste", "ast", "cast")
 VOCAB, SEQ, BATCH = 8192, 128, 8
 
 
-def step_times(shape: dict, method: str, steps: int, device: torch.device) -> tuple[list[float], float]:
-    """Seconds per training step (after 3 warm-up steps) and mask bytes per sparse weight."""
-    cfg = ModelConfig(family="llama", config={**shape, "num_attention_heads": 4, "num_key_value_heads": 4,
-                                              "max_position_embeddings": SEQ})
-    model = build_model(cfg, model_config(cfg, VOCAB, SEQ, 0), seed=0).to(device)
+def step_times(shape: dict, method: str, steps: int, device: torch.device, dtype: torch.dtype = torch.float32,
+               batch: int = BATCH, seq: int = SEQ, **sparsity) -> tuple[list[float], float]:
+    """Seconds per training step (after 3 warm-up steps) and mask bytes per sparse weight; the model's
+    weights (and so AdamW's state) in `dtype`, `sparsity` keys over the method's defaults."""
+    cfg = ModelConfig(family="llama", config={"num_attention_heads": 4, "num_key_value_heads": 4, **shape,
+                                              "max_position_embeddings": seq})
+    model = build_model(cfg, model_config(cfg, VOCAB, seq, 0), seed=0).to(device, dtype)
     backend = ParallelBackend(ParallelConfig(backend="none"), Runtime(0, 1, 0, device))
-    sparse = make_method(METHOD_CONFIGS[method](method=method), backend, total_steps=steps + 3)
+    sparse = make_method(METHOD_CONFIGS[method](method=method, **sparsity), backend, total_steps=steps + 3)
     sparse.convert(model, FAMILIES["llama"])
     optim = OptimConfig()
     optimizer = sparse.make_optimizer(param_groups(model, optim, sparse.no_decay_parameters()), optim)
     model, optimizer = backend.prepare(model, optimizer)
     sparse.init_state()
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device=device)
+    tokens = torch.randint(0, VOCAB, (batch, seq + 1), device=device)
     times = []
     for step in range(steps + 3):
         _sync(device)
@@ -98,16 +101,14 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     command = "python " + " ".join(["bench/train_step.py", *sys.argv[1:]])
-    args.out.write_text(
-        "# Benchmarks\n\n## One training step per sparsity method\n\n"
+    write_section(args.out, "One training step per sparsity method", (
         f"Command: `{command}` · device: {device_name(device)} · torch {torch.__version__} · "
         f"batch {BATCH} × {SEQ} tokens, AdamW, {args.steps} timed steps after 3 warm-up steps.\n\n"
         f"{table}\n\n"
         "STE and SR-STE run the masked dense product (M⊙W in the forward, the mask unpacked from its\n"
         "bits every forward, masks recomputed after every step): on CPU this is pure overhead, the\n"
         "price of training into the 2:4 pattern before a sparse kernel can pay it back. Masks cost\n"
-        "one bit (0.125 byte) per sparse weight.\n"
-    )
+        "one bit (0.125 byte) per sparse weight.\n"), heading="# Benchmarks")
 
 
 if __name__ == "__main__":

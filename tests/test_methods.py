@@ -21,12 +21,12 @@ LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
              num_key_value_heads=2, max_position_embeddings=64)
 
 
-def setup(method: str, total_steps: int = 100, **sparsity):
+def setup(method: str, total_steps: int = 100, fp8: bool = False, **sparsity):
     """A tiny Llama converted by `method`, its optimizer prepared on the one-process backend, first masks."""
     cfg = ModelConfig(family="llama", config=LLAMA)
     model = build_model(cfg, model_config(cfg, 300, 32, 0), seed=0)
     backend = ParallelBackend(ParallelConfig(backend="none"), Runtime(0, 1, 0, torch.device("cpu")))
-    sparse = make_method(METHOD_CONFIGS[method](method=method, **sparsity), backend, total_steps)
+    sparse = make_method(METHOD_CONFIGS[method](method=method, **sparsity), backend, total_steps, fp8)
     sparse.convert(model, FAMILIES["llama"])
     prepared_optimizer(model, sparse, OptimConfig())
     sparse.init_state()
@@ -208,15 +208,6 @@ def test_sste_finalize_delivers_the_forward_weights():
     assert ((layer.weight != 0).reshape(layer.out_features, -1, 4).sum(-1) <= 2).all()
 
 
-def test_sste_fp8_emulation_rounds_through_float8():
-    _, exact = setup("sste")
-    _, fp8 = setup("sste", fp8=True)
-    x = torch.randn(8, first(exact).in_features)
-    a, b = first(exact)(x), first(fp8)(x)
-    assert not torch.equal(a, b)
-    assert (a - b).abs().max() < 0.1 * a.abs().max()
-
-
 # --- AST --------------------------------------------------------------------------------
 
 def reference_moment_adam(w, g_steps, u_of, lr, betas, eps, wd):
@@ -365,7 +356,7 @@ def test_the_plain_product_keeps_no_transformed_weight_when_f_linear_is_replaced
     layer, original = first(method), F.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: original(*args))
     out = layer(torch.randn(2, 3, layer.in_features))
-    assert type(out.grad_fn).__name__ == "_RebuiltWeightLinearBackward"
+    assert type(out.grad_fn).__name__ == "_ProductLinearBackward"
 
 
 def test_update_masks_release_the_gradients_with_the_step():

@@ -33,7 +33,7 @@ def check_recipe(recipe: Recipe) -> dict[str, int]:
         conv1d_to_linear(model)
     try:  # whole groups, and the method's own conditions (scale segments, SLoRB blocks...)
         backend = ParallelBackend(recipe.parallel, Runtime(0, 1, 0, torch.device("cpu")))
-        method = make_method(recipe.sparsity, backend, recipe.train.steps)
+        method = make_method(recipe.sparsity, backend, recipe.train.steps, recipe.precision.fp8)
         method.convert(model, family)
     except ValueError as err:
         raise RecipeError(str(err)) from None

@@ -113,6 +113,14 @@ class ParallelConfig(Section):
         return self
 
 
+class PrecisionConfig(Section):
+    """Number formats beyond the compute dtype (`parallel.mixed_precision`)."""
+
+    fp8: bool = False
+    """Per-tensor scaled FP8 products in the sparse FFN layers (e4m3 forward, e5m2 gradients):
+    `torch._scaled_mm` on CUDA compute capability 8.9+, an exact emulation elsewhere."""
+
+
 class OptimConfig(Section):
     """AdamW on fp32 master weights."""
 
@@ -186,6 +194,7 @@ class Recipe(Section):
     sparsity: SparsityConfig = Field(default_factory=lambda: METHOD_CONFIGS["dense"](method="dense"))
     distill: DistillConfig = Field(default_factory=DistillConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig
@@ -209,6 +218,8 @@ class Recipe(Section):
             )
         if self.distill.weight > 0 and self.distill.teacher.path == "self" and self.model.pretrained is None:
             raise ValueError("distill.teacher.path: 'self' needs model.pretrained (the model the run starts from)")
+        if self.precision.fp8 and self.sparsity.method == "dense":
+            raise ValueError("precision.fp8: applies to the sparse FFN layers, and sparsity.method 'dense' has none")
         if self.model.pretrained is None and not self.model.config:
             raise ValueError("model.config: give the model's sizes, or model.pretrained")
         if self.train.output_dir is None:

@@ -32,13 +32,29 @@ class _Method(BaseModel):
         return self
 
 
+class _SparseForward(_Method):
+    """Methods whose forward multiplies an N:M weight, so a 2:4 kernel can run it."""
+
+    kernel: Literal["masked_dense", "semi_structured"] = "masked_dense"
+    """The FFN layers' product: the masked dense product, or PyTorch's 2:4 semi-structured kernel
+    (cuSPARSELt/CUTLASS on CUDA compute capability 8.0+; the masked dense product elsewhere)."""
+    kernel_min_features: int = Field(1024, ge=0)
+    """FFN layers whose smaller dimension is below this keep the masked dense product."""
+
+    @model_validator(mode="after")
+    def _kernel_two_four(self):
+        if self.kernel == "semi_structured" and (self.n, self.m) != (2, 4):
+            raise ValueError(f"sparsity.kernel: semi_structured needs the 2:4 pattern, not {self.n}:{self.m}")
+        return self
+
+
 class Dense(_Method):
     """No masks."""
 
     method: Literal["dense"]
 
 
-class STE(_Method):
+class STE(_SparseForward):
     """Magnitude masks, forward with M⊙W, gradient straight through to W."""
 
     method: Literal["ste"]
@@ -54,7 +70,7 @@ class SRSTE(STE):
     """λ_W: λ(1−M)⊙W added to the gradient after the reduction over ranks and after clipping."""
 
 
-class _TwoFour(_Method):
+class _TwoFour(_SparseForward):
     """Methods defined for the 2:4 pattern only."""
 
     @model_validator(mode="after")
@@ -83,12 +99,10 @@ class SSTE(_TwoFour):
 
     method: Literal["sste"]
     mvue: bool = False
-    """Weight gradient from MVUE24(∇Zᵀ)·X."""
-    fp8: bool = False
-    """Emulated FP8 GEMMs: e4m3 operands forward, e5m2 backward, per-tensor scales, fp32 accumulation."""
+    """Weight gradient from MVUE24(∇Zᵀ)·X (S-STE pairs it with `precision.fp8`)."""
 
 
-class AST(_Method):
+class AST(_SparseForward):
     """AST (AAAI'25): magnitude masks every 10 steps, annealed SR-STE decay inside the Adam moments."""
 
     method: Literal["ast"]

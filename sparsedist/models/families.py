@@ -7,6 +7,7 @@ it is converted to `nn.Linear` when the model is built and back when it is expor
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,11 @@ class Family:
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The transformer blocks, in order."""
         return model.get_submodule(self.blocks_path)
+
+    @property
+    def ffn_pattern(self) -> str:
+        """A regex matching the full names of the FFN linears."""
+        return rf"^{re.escape(self.blocks_path)}\.\d+\.({'|'.join(map(re.escape, self.ffn_linears))})$"
 
     def linears(self, targets: str) -> tuple[str, ...]:
         """Block-relative names of the linears a sparsity target covers."""

@@ -8,15 +8,14 @@ weight), or one row per ZeRO-3 partition of the weight (so each rank's partition
 mask holds exactly the bits of its partition of the weight).
 
 What the forward does is set by the method that converted the layer: `transform`
-gives the weight the product uses, `gemm` the product itself (None: the plain
-`F.linear`; or one with an MVUE weight gradient and emulated FP8), and an optional
-`branch` adds a dense side path.
+gives the weight W̃ the product uses, `product` how it is multiplied (the plain dense
+product, or with the 2:4 kernel, an MVUE weight gradient or FP8: see product.py), and
+an optional `branch` adds a dense side path.
 
-With the plain product, the transformed weight (M⊙W, A⊙W, β·S(W)) is not kept from the
-forward to the backward: it is rebuilt in the backward from the parameters, which FSDP2
-and ZeRO-3 gather again there anyway. Kept, it would be a full, unsharded copy of every
-sparse weight alive for the whole forward-backward window. (The plain product is None
-rather than `F.linear` itself because DeepSpeed ZeRO-3 replaces `F.linear` with its own.)
+W̃ (M⊙W, A⊙W, β·S(W)) is not kept from the forward to the backward: it is rebuilt in the
+backward from the parameters, which FSDP2 and ZeRO-3 gather again there anyway. Kept, it
+would be a full, unsharded copy of every sparse weight alive for the whole
+forward-backward window.
 """
 
 from __future__ import annotations
@@ -28,23 +27,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsedist.sparsity.masks import pack_rows, packed_width, unpack_rows
-
-Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-"""(input, weight [out, in], bias) -> output, like F.linear."""
+from sparsedist.sparsity.product import Product
 
 
 class SparseLinear(nn.Linear):
-    """A linear layer whose forward is `gemm(x, transform(self), bias) + branch(x)`."""
+    """A linear layer whose forward is `product(x, transform(self)) + bias + branch(x)`."""
 
     mask: nn.Parameter
     mask_row: int
     transform: Callable[[SparseLinear], torch.Tensor]
-    gemm: Gemm | None
+    product: Product
     branch: nn.Module | None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, transform: Callable[[SparseLinear], torch.Tensor],
-                    gemm: Gemm | None = None, mask_row: int | None = None) -> SparseLinear:
+                    product: Product | None = None, mask_row: int | None = None) -> SparseLinear:
         """Take over `linear`'s parameters (no copy) and add an all-zero mask packed in rows of
         `mask_row` elements (default: the weight's rows)."""
         layer = cls.__new__(cls)
@@ -55,17 +52,15 @@ class SparseLinear(nn.Linear):
         rows = -(-linear.in_features * linear.out_features // layer.mask_row)
         bits = torch.zeros(rows, packed_width(layer.mask_row), dtype=torch.uint8, device=linear.weight.device)
         layer.mask = nn.Parameter(bits, requires_grad=False)
-        layer.transform, layer.gemm, layer.branch = transform, gemm, None
+        layer.transform, layer.product, layer.branch = transform, product or Product(), None
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemm is not None:
-            out = self.gemm(x, self.transform(self), self.bias)
-        elif self.transform is dense_weight:
+        if self.transform is dense_weight and self.product.plain:
             out = F.linear(x, self.weight, self.bias)
         else:
             trained = [p for name, p in self.named_parameters(recurse=False) if p.requires_grad and name != "bias"]
-            out = _RebuiltWeightLinear.apply(x, self, *trained)
+            out = _ProductLinear.apply(x, self, *trained)
             out = out if self.bias is None else out + self.bias
         return out if self.branch is None else out + self.branch(x)
 
@@ -90,22 +85,25 @@ class SparseLinear(nn.Linear):
         return f"{super().extra_repr()}, transform={self.transform.__name__}"
 
 
-class _RebuiltWeightLinear(torch.autograd.Function):
-    """x·transform(layer)ᵀ, saving x and the layer's parameters rather than the transformed weight."""
+class _ProductLinear(torch.autograd.Function):
+    """layer.product of x and transform(layer), saving x and the layer's parameters rather than W̃."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: SparseLinear, *trained: torch.Tensor) -> torch.Tensor:
         ctx.layer = layer
         ctx.save_for_backward(x, *trained)
-        return F.linear(x, layer.transform(layer))
+        out = layer.product.forward(x.reshape(-1, x.shape[-1]), layer.transform(layer))
+        return out.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, *trained = ctx.saved_tensors
+        product = ctx.layer.product
         with torch.enable_grad():
             weight = ctx.layer.transform(ctx.layer)
-        grad_x = grad_out @ weight.detach()
-        grad_weight = grad_out.flatten(0, -2).t() @ x.flatten(0, -2)
+        rows, inputs = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = product.grad_input(rows, weight.detach()).reshape(x.shape)
+        grad_weight = product.grad_weight(rows, inputs).to(weight.dtype)
         grads = torch.autograd.grad(weight, trained, grad_weight)
         return grad_x, None, *grads
 

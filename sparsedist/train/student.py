@@ -48,7 +48,7 @@ def build_student(recipe: Recipe, backend: ParallelBackend, tokenizer: PreTraine
     model = build_model(recipe.model, config, recipe.train.seed)
     if recipe.sparsity.oneshot != "none":
         prune_before_training(model, family, recipe)
-    method = make_method(recipe.sparsity, backend, recipe.train.steps)
+    method = make_method(recipe.sparsity, backend, recipe.train.steps, recipe.precision.fp8)
     method.convert(model, family)
     num_params = count_parameters(model)
     model = backend.wrap(model, family.blocks(model))

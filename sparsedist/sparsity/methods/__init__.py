@@ -15,8 +15,9 @@ METHODS: dict[str, type[SparsityMethod]] = {
 }
 
 
-def make_method(cfg: SparsityConfig, backend: ParallelBackend, total_steps: int) -> SparsityMethod:
-    return METHODS[cfg.method](cfg, backend, total_steps)
+def make_method(cfg: SparsityConfig, backend: ParallelBackend, total_steps: int, fp8: bool = False) -> SparsityMethod:
+    """The method of `cfg`; `fp8` (recipe `precision.fp8`) gives its FFN layers FP8 products."""
+    return METHODS[cfg.method](cfg, backend, total_steps, fp8)
 
 
 __all__ = ["METHODS", "SparsityMethod", "make_method"]

@@ -12,8 +12,9 @@ from sparsedist.config.schema import OptimConfig
 from sparsedist.config.sparsity import SparsityConfig
 from sparsedist.models.families import Family
 from sparsedist.parallel.backend import ParallelBackend, Piece
-from sparsedist.sparsity.layer import Gemm, SparseLinear, dense_weight
+from sparsedist.sparsity.layer import SparseLinear, dense_weight
 from sparsedist.sparsity.masks import nm_mask
+from sparsedist.sparsity.product import Product, use_fp8, use_kernel
 
 
 def target_linears(model: nn.Module, family: Family, cfg: SparsityConfig) -> list[tuple[str, nn.Linear]]:
@@ -54,10 +55,11 @@ class SparsityMethod:
     transform = staticmethod(dense_weight)
     """The weight the forward uses, from the layer (dense weight, packed mask, extra state)."""
 
-    def __init__(self, cfg: SparsityConfig, backend: ParallelBackend, total_steps: int):
+    def __init__(self, cfg: SparsityConfig, backend: ParallelBackend, total_steps: int, fp8: bool = False):
         self.cfg = cfg
         self.backend = backend
         self.total_steps = total_steps
+        self.fp8 = fp8
         self.layers: dict[str, SparseLinear] = {}
         self.last_flip_rate: float | None = None
         self._update_masks: dict[int, list[tuple[int, SparseLinear, Piece]]] = {}
@@ -65,13 +67,18 @@ class SparsityMethod:
     # --- the moments of a run ------------------------------------------------------------
 
     def convert(self, model: nn.Module, family: Family) -> None:
-        """Replace the targeted linears of every block by `SparseLinear`s."""
+        """Replace the targeted linears of every block by `SparseLinear`s; give the FFN ones the
+        recipe's kernel and precision."""
         for name, linear in target_linears(model, family, self.cfg):
-            layer = SparseLinear.from_linear(linear, type(self).transform, self.gemm(),
+            layer = SparseLinear.from_linear(linear, type(self).transform, self.product(),
                                              self.backend.mask_row(linear))
             self.extend(layer)
             model.set_submodule(name, layer)
             self.layers[name] = layer
+        if getattr(self.cfg, "kernel", "masked_dense") == "semi_structured":  # methods with an N:M forward
+            use_kernel(model, family.ffn_pattern, "semi_structured", self.cfg.kernel_min_features)
+        if self.fp8:
+            use_fp8(model, family.ffn_pattern)
 
     def init_state(self) -> None:
         """First masks, from the (possibly pretrained) weights, once the optimizer is prepared."""
@@ -116,9 +123,9 @@ class SparsityMethod:
 
     # --- what a method may customise -----------------------------------------------------
 
-    def gemm(self) -> Gemm | None:
-        """The product of the sparse layers (None: the plain `F.linear`)."""
-        return None
+    def product(self) -> Product:
+        """The product a converted layer starts with (its weight-gradient estimator, its mask's shape)."""
+        return Product()
 
     def extend(self, layer: SparseLinear) -> None:
         """Add method state to a freshly converted layer (before sharding)."""

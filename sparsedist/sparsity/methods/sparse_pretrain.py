@@ -8,12 +8,14 @@ dense (plain F.linear on the full W), so the delivered model is dense.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from sparsedist.sparsity.gemm import sparse_gemm
-from sparsedist.sparsity.layer import Gemm, dense_weight
+from sparsedist.sparsity.layer import dense_weight
 from sparsedist.sparsity.methods.base import SparsityMethod
 from sparsedist.sparsity.methods.ste import add_masked_decay, masked_ste_weight
+from sparsedist.sparsity.product import Product
 from sparsedist.sparsity.transposable import transposable_mask
 
 
@@ -31,8 +33,8 @@ class SparsePretrain(SparsityMethod):
         """First step of the dense fine-tuning phase (total steps when there is none)."""
         return round(self.total_steps * (1 - self.cfg.dense_finetune_fraction))
 
-    def gemm(self) -> Gemm | None:
-        return sparse_gemm(mvue=True, fp8=False) if self.cfg.mvue else None
+    def product(self) -> Product:
+        return Product(transposable=True, mvue=self.cfg.mvue)
 
     def decide(self, weight: torch.Tensor) -> torch.Tensor:
         return transposable_mask(weight)
@@ -40,7 +42,8 @@ class SparsePretrain(SparsityMethod):
     def before_step(self, step: int) -> None:
         if step >= self.dense_from:
             for layer in self.layers.values():
-                layer.transform, layer.gemm = dense_weight, None
+                layer.transform = dense_weight
+                layer.product = replace(layer.product, semi_structured=False, mvue=False)
 
     def masks_in_update(self, step: int) -> bool:
         return step < self.dense_from

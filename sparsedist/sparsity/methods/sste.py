@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from sparsedist.sparsity.gemm import sparse_gemm
-from sparsedist.sparsity.layer import Gemm, SparseLinear, straight_through
+from sparsedist.sparsity.layer import SparseLinear, straight_through
 from sparsedist.sparsity.methods.base import SparsityMethod
+from sparsedist.sparsity.product import Product
 from sparsedist.sparsity.soft_threshold import soft_threshold, soft_threshold_scale
 
 
@@ -27,8 +27,8 @@ class SSTE(SparsityMethod):
     name = "sste"
     transform = staticmethod(soft_threshold_weight)
 
-    def gemm(self) -> Gemm | None:
-        return sparse_gemm(self.cfg.mvue, self.cfg.fp8) if self.cfg.mvue or self.cfg.fp8 else None
+    def product(self) -> Product:
+        return Product(mvue=self.cfg.mvue)
 
     def extend(self, layer: SparseLinear) -> None:
         layer.register_buffer("beta", torch.ones((), dtype=torch.float32, device=layer.weight.device))

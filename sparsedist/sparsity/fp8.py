@@ -1,0 +1,40 @@
+"""Per-tensor scaled FP8 products: `torch._scaled_mm` on GPUs with FP8 tensor cores, an exact
+emulation elsewhere.
+
+An operand t is quantized as q = fp8(t·s) with s = FP8_MAX/amax(|t|) (a real float8 cast,
+round to nearest even) and carries its dequantization scale 1/s. A product of two quantized
+operands is (q_a·q_b)·(1/s_a)·(1/s_b) accumulated in fp32, which is what `_scaled_mm`
+computes; the emulation multiplies the same float8 values in fp32, so the two differ only in
+the order of accumulation. Forward operands are e4m3; a gradient is e5m2 and meets an e4m3
+operand (the hybrid format of FP8 training: Hopper has no e5m2×e5m2 product).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FORWARD = torch.float8_e4m3fn
+GRADIENT = torch.float8_e5m2
+
+
+def hardware_fp8(device: torch.device) -> bool:
+    """Whether `device` multiplies FP8 in hardware (CUDA compute capability 8.9 or newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, 1/s): `t` cast to the float8 `dtype` with the per-tensor scale s = max/amax, and its fp32 inverse."""
+    t = t.detach().float()
+    scale = torch.finfo(dtype).max / t.abs().amax().clamp(min=1e-12)
+    return (t * scale).to(dtype), scale.reciprocal()
+
+
+def fp8_mm(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+           out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b of two quantized 2-D operands (q, 1/s), in `out_dtype`."""
+    (qa, inv_a), (qb, inv_b) = a, b
+    if hardware_fp8(qa.device):
+        # mat1 row-major, mat2 column-major; cuBLASLt accumulates in fp32 and applies both scales
+        return torch._scaled_mm(qa.contiguous(), qb.t().contiguous().t(), scale_a=inv_a, scale_b=inv_b,
+                                out_dtype=out_dtype)
+    return ((qa.float() @ qb.float()) * (inv_a * inv_b)).to(out_dtype)
