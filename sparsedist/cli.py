@@ -17,6 +17,12 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
 
 
+def _experiment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///mlruns.db)")
+
+
 def _load_checked(path: str, overrides: list[str]) -> Recipe:
     from sparsedist.config.check import check_recipe
 
@@ -33,6 +39,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     details = ", ".join(f"{k}={v:,}" for k, v in summary.items())
     print(f"ok: {recipe.name} ({recipe_hash(recipe)}): {details}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sparsedist.plan import GIB, Cluster, format_plan, make_plan
+
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib * GIB, args.peak_tflops * 1e12, args.mfu,
+                      args.tokens_per_second)
+    plan = make_plan(load_recipe(args.recipe, args.overrides), cluster)
+    print(format_plan(plan, cluster))
+    return 0 if plan.fits else 3
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -79,6 +95,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(nproc=args.nproc, quick=args.quick)
 
 
+def _tracking(args: argparse.Namespace) -> str:
+    from sparsedist.config.schema import TrackingConfig
+    from sparsedist.tracking import tracking_uri
+
+    return args.tracking_uri or tracking_uri(TrackingConfig())
+
+
+def cmd_runs_compare(args: argparse.Namespace) -> int:
+    import csv
+
+    from sparsedist.scaling.runs import compare, load_runs
+
+    rows = compare(load_runs(_tracking(args), args.experiment))
+    shown = ["run", "method", "family", "params", "tokens", "val_ppl", "dense_run", "gap_loss", "gap_ppl_pct"]
+    table = [shown] + [[f"{row[k]:,}" if isinstance(row[k], int) else str(row[k]) for k in shown] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(shown))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def cmd_scaling_fit(args: argparse.Namespace) -> int:
+    from sparsedist.scaling.fit import fit_law, save_fits
+    from sparsedist.scaling.laws import get_law
+    from sparsedist.scaling.plot import plot_fits
+    from sparsedist.scaling.points import datasets
+    from sparsedist.scaling.runs import load_runs, log_fit
+
+    law, uri = get_law(args.law), _tracking(args)
+    records = load_runs(uri, args.experiment)
+    fits = [fit_law(law, d.points, d.label, d.n_params) for d in datasets(law, records, args.method)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    files = [save_fits(args.out / f"scaling-{law.name}.json", fits, args.experiment),
+             plot_fits(fits, args.out / f"scaling-{law.name}.png")]
+    for fit in fits:
+        print(fit.summary())
+    run_id = log_fit(uri, args.experiment, law.name, files)
+    print(f"wrote {' and '.join(map(str, files))}; logged as run scaling-fit-{law.name} ({run_id})")
+    return 0
+
+
+def cmd_scaling_predict(args: argparse.Namespace) -> int:
+    from sparsedist.scaling.fit import load_fits, prediction
+
+    print(prediction(load_fits(args.fit), args.tokens, args.params))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsedist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a recipe and its overrides without running anything")
     _recipe_args(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="memory per GPU, tokens, FLOPs and time of a recipe on a cluster; "
+                       "exits 3 when it does not fit")
+    _recipe_args(p)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (default: %(default)s)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="dense bf16 TFLOP/s per GPU (default: %(default)s, H100 SXM)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default: %(default)s)")
+    p.add_argument("--tokens-per-second", type=float, help="a measured cluster throughput, instead of peak × MFU")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("launch", help="validate a recipe, then start its ranks on this node")
     _recipe_args(p)
@@ -113,6 +195,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2, help="processes per run")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
     p.set_defaults(func=cmd_demo)
+
+    runs = sub.add_parser("runs", help="finished training runs of an MLflow experiment")
+    p = runs.add_subparsers(dest="runs_command", required=True).add_parser(
+        "compare", help="a table of the runs, with each sparse run's gap to its dense baseline")
+    _experiment_args(p)
+    p.add_argument("--csv", type=Path, help="also write the table (with every column) to this CSV file")
+    p.set_defaults(func=cmd_runs_compare)
+
+    scaling = sub.add_parser("scaling", help="scaling laws fitted to an experiment's runs (docs/scaling.md)")
+    scaling_sub = scaling.add_subparsers(dest="scaling_command", required=True)
+    p = scaling_sub.add_parser("fit", help="fit a law, save its JSON and plot, log them as an MLflow run")
+    _experiment_args(p)
+    p.add_argument("--law", required=True, metavar="LAW", help="tokens, chinchilla or gap")
+    p.add_argument("--out", type=Path, default=Path("runs/scaling"), help="output directory (default: %(default)s)")
+    p.add_argument("--method", help="the method to fit (for gap: the sparse method compared with dense)")
+    p.set_defaults(func=cmd_scaling_fit)
+    p = scaling_sub.add_parser("predict", help="the loss a saved fit predicts, with its bootstrap interval")
+    p.add_argument("--fit", type=Path, required=True, help="a JSON file written by `sparsedist scaling fit`")
+    p.add_argument("--tokens", type=float, required=True, metavar="D", help="training tokens, e.g. 2e9")
+    p.add_argument("--params", type=float, metavar="N", help="model parameters (needed by chinchilla; selects "
+                   "the model of a per-model fit)")
+    p.set_defaults(func=cmd_scaling_predict)
     return parser
 
 
@@ -149,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_libraries()
     from sparsedist.export import ExportError
+    from sparsedist.scaling import ScalingError
 
     try:
         return args.func(args)
@@ -157,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ExportError as err:
         print(f"sparsedist: export refused: {err}", file=sys.stderr)
+        return 1
+    except ScalingError as err:
+        print(f"sparsedist: {err}", file=sys.stderr)
         return 1
 
 

@@ -32,3 +32,16 @@ def test_oneshot_start_prunes_the_weights_before_the_masks_are_taken(corpus):
     changed = sum(not torch.equal(unpack_mask(layer.mask, layer.in_features), nm_mask(dense.method.layers[n].weight))
                   for n, layer in pruned.method.layers.items())
     assert changed > 0, "SparseGPT's masks are not all the magnitude masks"
+
+
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(corpus):
+    plain = student(corpus, "sparsity={method: srste}")
+    recomputed = student(corpus, "sparsity={method: srste}", "parallel.activation_checkpointing=true")
+    assert recomputed.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    tokens = torch.randint(0, 200, (2, 32))
+    for built in (plain, recomputed):
+        built.model.train()
+        built.model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+    for (name, a), b in zip(plain.model.named_parameters(), recomputed.model.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)

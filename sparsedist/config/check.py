@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from sparsedist.config.load import RecipeError
 from sparsedist.config.schema import Recipe
@@ -10,7 +11,7 @@ from sparsedist.models import FAMILIES, ModelConfigError, count_parameters, mode
 from sparsedist.models.families import conv1d_to_linear
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.parallel.runtime import Runtime
-from sparsedist.sparsity.methods import make_method
+from sparsedist.sparsity.methods import SparsityMethod, make_method
 
 
 def check_recipe(recipe: Recipe) -> dict[str, int]:
@@ -19,6 +20,19 @@ def check_recipe(recipe: Recipe) -> dict[str, int]:
     Returns a summary (parameters, sparse parameters, tokens per step, total tokens).
     Raises RecipeError naming the key at fault.
     """
+    model, method = meta_model(recipe)
+    tokens_per_step = recipe.train.global_batch * recipe.data.seq_len
+    return {
+        "params": count_parameters(model),
+        "sparse_params": sum(layer.weight.numel() for layer in method.layers.values()),
+        "world_size": recipe.parallel.world_size,
+        "tokens_per_step": tokens_per_step,
+        "total_tokens": tokens_per_step * recipe.train.steps,
+    }
+
+
+def meta_model(recipe: Recipe) -> tuple[nn.Module, SparsityMethod]:
+    """The recipe's model on the meta device, converted by its sparsity method (no weights, no data)."""
     family = FAMILIES[recipe.model.family]
     try:
         config = model_config(recipe.model, recipe.data.vocab_size, recipe.data.seq_len, eos_id=0)
@@ -37,12 +51,5 @@ def check_recipe(recipe: Recipe) -> dict[str, int]:
         method.convert(model, family)
     except ValueError as err:
         raise RecipeError(str(err)) from None
-    tokens_per_step = recipe.train.global_batch * recipe.data.seq_len
-    return {
-        "params": count_parameters(model),
-        "sparse_params": sum(layer.weight.numel() for layer in method.layers.values()),
-        "world_size": recipe.parallel.world_size,
-        "tokens_per_step": tokens_per_step,
-        "total_tokens": tokens_per_step * recipe.train.steps,
-    }
+    return model, method
 

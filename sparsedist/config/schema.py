@@ -30,6 +30,8 @@ class ModelConfig(Section):
     """A local Hugging Face model directory; its weights initialise the run."""
     config: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the family's transformers config class (sizes, dropout...)."""
+    nominal_params: float | None = Field(None, gt=0)
+    """The size the recipe promises (e.g. 1.3e9); `sparsedist plan` refuses a model 10% off it."""
 
 
 class DataConfig(Section):
@@ -82,6 +84,8 @@ class ParallelConfig(Section):
     """Compute dtype; master weights, gradient reduction and optimizer state stay fp32."""
     reshard_after_forward: bool = True
     """fsdp2: free the gathered parameters of a block after its forward."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input from the forward and recompute the block in the backward."""
     zero_stage: Literal[1, 2, 3] = 3
     """deepspeed: partition optimizer state (1), and gradients (2), and parameters (3)."""
     offload_optimizer: bool = False

@@ -50,6 +50,8 @@ def build_student(recipe: Recipe, backend: ParallelBackend, tokenizer: PreTraine
         prune_before_training(model, family, recipe)
     method = make_method(recipe.sparsity, backend, recipe.train.steps, recipe.precision.fp8)
     method.convert(model, family)
+    if recipe.parallel.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     num_params = count_parameters(model)
     model = backend.wrap(model, family.blocks(model))
     optimizer = None

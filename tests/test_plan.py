@@ -1,0 +1,67 @@
+"""`sparsedist plan`: exact parameter counts from the meta model, the memory model's scaling, refusal with advice."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from sparsedist.config import RecipeError, load_recipe
+from sparsedist.config.check import check_recipe
+from sparsedist.plan import GIB, Cluster, make_plan
+
+TINY = REPO / "recipes" / "tiny" / "cast.yaml"
+SCRATCH = ["model.pretrained=null", "distill.weight=0"]
+LLAMA13B = [
+    "model.pretrained=null", "distill.weight=0.3333", "distill.teacher.path=models/teacher",
+    "model.config={hidden_size: 5120, intermediate_size: 13824, num_hidden_layers: 40, num_attention_heads: 40, "
+    "num_key_value_heads: 40, max_position_embeddings: 4096}", "data.vocab_size=32000", "data.seq_len=4096",
+    "train.global_batch=256", "train.micro_batch=4", "train.steps=7500", "parallel.nproc_per_node=8",
+    "parallel.mixed_precision=bf16",
+]
+
+
+def plan(overrides, nodes=1, gpus=2, gib=80.0):
+    return make_plan(load_recipe(TINY, overrides), Cluster(nodes, gpus, gib * GIB))
+
+
+def test_counts_are_the_meta_models_and_the_total_is_the_sum():
+    p = plan(SCRATCH)
+    summary = check_recipe(load_recipe(TINY, SCRATCH))
+    assert p.sizes.params == summary["params"] and p.sizes.sparse_weights == summary["sparse_params"]
+    assert p.sizes.params - p.sizes.dense_params == 2 * sum(  # CAST's scales: out × 2 per sparse layer
+        rows for rows in (128, 128, 128, 128, 384, 384, 128) ) * 4
+    assert p.total == pytest.approx(sum(p.memory.values())) and p.fits
+    assert p.tokens_per_step == 16 * 128 and p.flops > 6 * p.sizes.params * 16 * 128 * 200
+
+
+def test_sharded_state_halves_with_twice_the_gpus_and_stage3_shards_weights():
+    recipe = load_recipe(TINY, [*LLAMA13B, "parallel.backend=deepspeed", "parallel.zero_stage=1"])
+    eight, sixteen = (make_plan(recipe, Cluster(n, 8, 80 * GIB)) for n in (1, 2))
+    assert sixteen.memory["optimizer state"] == pytest.approx(eight.memory["optimizer state"] / 2)
+    assert sixteen.memory["gradients"] == eight.memory["gradients"]  # stage 1: full gradients
+    stage3 = make_plan(load_recipe(TINY, [*LLAMA13B, "parallel.backend=deepspeed"]), Cluster(1, 8, 80 * GIB))
+    assert stage3.memory["weights"] < eight.memory["weights"] / 2
+    offload = make_plan(load_recipe(TINY, [*LLAMA13B, "parallel.backend=deepspeed", "parallel.offload_optimizer=true"]),
+                        Cluster(1, 8, 80 * GIB))
+    assert offload.memory["optimizer state"] == 0
+
+
+def test_a_plan_that_does_not_fit_is_refused_with_changes_that_would_fit():
+    done = subprocess.run([sys.executable, "-m", "sparsedist", "plan", str(TINY), *LLAMA13B, "--nodes", "1",
+                           "--gpus-per-node", "8"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 3, done.stderr
+    assert "does not fit" in done.stdout
+    assert "parallel.activation_checkpointing=true" in done.stdout and "(fits)" in done.stdout
+    checkpointed = plan([*LLAMA13B, "parallel.activation_checkpointing=true"], gpus=8)
+    assert checkpointed.fits and checkpointed.memory["activations"] < plan(LLAMA13B, gpus=8).memory["activations"] / 2
+
+
+def test_nominal_size_and_batch_geometry_are_checked():
+    with pytest.raises(RecipeError, match=r"model.nominal_params: the model has 3.0M parameters, not 10.0M"):
+        plan([*SCRATCH, "model.nominal_params=10e6"])
+    assert plan([*SCRATCH, "model.nominal_params=3.0e6"]).fits
+    with pytest.raises(RecipeError, match="train.global_batch: 16 is not divisible by 4 GPUs × train.micro_batch 8"):
+        plan(SCRATCH, nodes=2, gpus=2)
