@@ -252,6 +252,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_libraries()
+    from sparsedist.checkpoint import CheckpointError
     from sparsedist.export import ExportError
     from sparsedist.scaling import ScalingError
 
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as err:
         print(f"sparsedist: export refused: {err}", file=sys.stderr)
         return 1
-    except ScalingError as err:
+    except (ScalingError, CheckpointError) as err:
         print(f"sparsedist: {err}", file=sys.stderr)
         return 1
 

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerFast
 
 from sparsedist.checkpoint.dcp import TRAINER_FILE
+from sparsedist.checkpoint.manifest import verify_manifest
 from sparsedist.checkpoint.pieces import is_piece_checkpoint, load_module
 from sparsedist.config import Recipe
 from sparsedist.config.load import validate_recipe
@@ -70,6 +71,7 @@ def export_state(state: dict[str, torch.Tensor], recipe: Recipe, student: Studen
 
 def export_checkpoint(checkpoint: Path, out: Path) -> None:
     """Load a training checkpoint in one process, finalize, verify and export it."""
+    verify_manifest(checkpoint)
     trainer_state = json.loads((checkpoint / TRAINER_FILE).read_text())
     recipe = validate_recipe(trainer_state["recipe"])
     runtime = init_runtime()

@@ -1,11 +1,13 @@
 """Sharded checkpoints, written atomically.
 
 Layout: `<dir>/step_00000100/` holds the backend's shard files (torch DCP under FSDP2;
-per-rank pieces under DeepSpeed) plus `trainer.json` (step, tokens, tracking run...).
-Every rank writes into `step_00000100.tmp/`; once all are done, rank 0 writes
-`trainer.json` and renames the folder, so a step directory exists only when it is
-complete. Resuming picks the newest complete one; a checkpoint may be loaded at another
-world size (both backends reshard).
+per-rank pieces under DeepSpeed), `trainer.json` (step, tokens, tracking run...) and
+`manifest.json` (size and SHA-256 of every file). Every rank writes into
+`step_00000100.tmp/`; once all are done, rank 0 writes `trainer.json`, the ranks hash the
+files, rank 0 writes the manifest and renames the folder, so a step directory exists only
+when it is complete: a run killed while saving leaves the previous one as the newest.
+Loading verifies the manifest first. Resuming picks the newest complete one; a checkpoint
+may be loaded at another world size (both backends reshard).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from sparsedist.checkpoint.manifest import verify_manifest, write_manifest
 from sparsedist.parallel.backend import ParallelBackend
 
 TRAINER_FILE = "trainer.json"
@@ -56,6 +59,9 @@ class Checkpointer:
         _barrier()
         if self.is_main:
             _write_json(staging / TRAINER_FILE, {**trainer_state, "step": step})
+        _barrier()
+        write_manifest(staging)
+        if self.is_main:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
             for old in self.complete_steps()[: -self.keep]:
@@ -64,9 +70,10 @@ class Checkpointer:
         return final
 
     def load(self, path: Path, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
-        """Restore model and optimizer in place; returns the trainer state."""
+        """Verify the manifest, restore model and optimizer in place; returns the trainer state."""
         if not (path / TRAINER_FILE).is_file():
             raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no {TRAINER_FILE})")
+        verify_manifest(path)
         self.backend.load_state(path, model, optimizer)
         return json.loads((path / TRAINER_FILE).read_text())
 
