@@ -12,6 +12,23 @@ from pathlib import Path
 from sparsedist.config import Recipe, RecipeError, load_recipe, recipe_hash
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (`sparsedist launch: error: ...`), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+_positive.__name__ = "positive integer"  # argparse names the type in its message
+
+
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
@@ -59,13 +76,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from sparsedist_launch.local import launch
+    from sparsedist_launch.local import Nodes, launch
 
     overrides = list(args.overrides)
     if args.nproc is not None:
         overrides.append(f"parallel.nproc_per_node={args.nproc}")
+    if args.nnodes is not None:
+        overrides.append(f"parallel.nnodes={args.nnodes}")
     recipe = _load_checked(args.recipe, overrides)
-    return launch(recipe, args.recipe, overrides, args.launcher)
+    return launch(recipe, args.recipe, overrides, args.launcher, Nodes(args.rdzv_endpoint, args.rdzv_id, args.hostfile))
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -150,7 +169,7 @@ def cmd_scaling_predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsedist", description=__doc__)
+    parser = _Parser(prog="sparsedist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run a recipe in this process (or as one rank under torchrun)")
@@ -164,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory per GPU, tokens, FLOPs and time of a recipe on a cluster; "
                        "exits 3 when it does not fit")
     _recipe_args(p)
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--nodes", type=_positive, required=True)
+    p.add_argument("--gpus-per-node", type=_positive, required=True)
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (default: %(default)s)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="dense bf16 TFLOP/s per GPU (default: %(default)s, H100 SXM)")
@@ -173,11 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-second", type=float, help="a measured cluster throughput, instead of peak × MFU")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("launch", help="validate a recipe, then start its ranks on this node")
+    p = sub.add_parser("launch", help="validate a recipe, then start its ranks on this node (and the "
+                       "others: see docs/cluster.md)")
     _recipe_args(p)
-    p.add_argument("--nproc", type=int, help="processes on this node (sets parallel.nproc_per_node)")
+    p.add_argument("--nproc", type=_positive, help="processes on this node (sets parallel.nproc_per_node)")
     p.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun",
                    help="torchrun (any backend) or the deepspeed launcher (parallel.backend deepspeed)")
+    p.add_argument("--nnodes", type=int, help="nodes of the run (sets parallel.nnodes); torchrun: run this "
+                   "command on every node with the same --rdzv-endpoint")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="torchrun: the c10d rendezvous (on HOST); "
+                   "deepspeed: the master address and port")
+    p.add_argument("--rdzv-id", help="torchrun: the rendezvous id, the same on every node (default: recipe "
+                   "name and hash)")
+    p.add_argument("--hostfile", type=Path, help="deepspeed: an MPI-style hostfile naming every node")
     p.set_defaults(func=cmd_launch)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

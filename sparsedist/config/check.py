@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
 
 from sparsedist.config.load import RecipeError
 from sparsedist.config.schema import Recipe
+from sparsedist.data import check_source
 from sparsedist.models import FAMILIES, ModelConfigError, count_parameters, model_config
 from sparsedist.models.families import conv1d_to_linear
 from sparsedist.parallel.backend import ParallelBackend
@@ -21,6 +25,7 @@ def check_recipe(recipe: Recipe) -> dict[str, int]:
     Raises RecipeError naming the key at fault.
     """
     model, method = meta_model(recipe)
+    check_inputs(recipe, model.config)
     tokens_per_step = recipe.train.global_batch * recipe.data.seq_len
     return {
         "params": count_parameters(model),
@@ -29,6 +34,25 @@ def check_recipe(recipe: Recipe) -> dict[str, int]:
         "tokens_per_step": tokens_per_step,
         "total_tokens": tokens_per_step * recipe.train.steps,
     }
+
+
+def check_inputs(recipe: Recipe, config: PretrainedConfig) -> None:
+    """The files the run will read exist and fit: data source, teacher (same vocabulary), resume folder."""
+    try:
+        check_source(recipe.data)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    teacher = recipe.distill.teacher.path
+    if recipe.distill.weight > 0 and teacher != "self":
+        if not (teacher / "config.json").is_file():
+            raise RecipeError(f"distill.teacher.path: {teacher} holds no config.json")
+        vocab = AutoConfig.from_pretrained(teacher).vocab_size
+        if vocab != config.vocab_size:
+            raise RecipeError(f"distill.teacher.path: {teacher} has vocabulary {vocab}, "
+                              f"the student {config.vocab_size}")
+    resume = recipe.checkpoint.resume
+    if isinstance(resume, Path) and not resume.is_dir():
+        raise RecipeError(f"checkpoint.resume: {resume} is not a checkpoint folder")
 
 
 def meta_model(recipe: Recipe) -> tuple[nn.Module, SparsityMethod]:

