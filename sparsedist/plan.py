@@ -144,6 +144,11 @@ class Plan:
         return self.total <= self.usable
 
 
+def training_flops(params: int, layers: int, hidden: int, seq_len: int, tokens: int) -> float:
+    """Model FLOPs of training on `tokens`: 6·N per token for the weights, 12·L·d·seq for attention."""
+    return (6 * params + 12 * layers * hidden * seq_len) * tokens
+
+
 def make_plan(recipe: Recipe, cluster: Cluster) -> Plan:
     """The plan of `recipe` on `cluster`; RecipeError when the model misses its nominal size."""
     if recipe.parallel.backend == "none" and cluster.world > 1:
@@ -160,8 +165,7 @@ def make_plan(recipe: Recipe, cluster: Cluster) -> Plan:
     mem = memory(sizes, recipe, cluster.world)
     tokens_per_step = recipe.train.global_batch * recipe.data.seq_len
     tokens = tokens_per_step * recipe.train.steps
-    per_token = 6 * sizes.params + 12 * sizes.layers * sizes.hidden * recipe.data.seq_len
-    flops = per_token * tokens
+    flops = training_flops(sizes.params, sizes.layers, sizes.hidden, recipe.data.seq_len, tokens)
     seconds = (tokens / cluster.tokens_per_second if cluster.tokens_per_second
                else flops / (cluster.world * cluster.peak_flops * cluster.mfu))
     usable = HEADROOM * cluster.gpu_memory

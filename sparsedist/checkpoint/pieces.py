@@ -31,7 +31,7 @@ def write_pieces(path: Path, rank: int, pieces: dict[str, tuple[int, torch.Tenso
 
 def read_pieces(path: Path) -> tuple[Pieces, list[dict[str, Any]]]:
     """Every rank's pieces by name, and each file's other entries."""
-    files = [torch.load(f, map_location="cpu", mmap=True) for f in sorted(path.glob("rank_*.pt"))]
+    files = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in sorted(path.glob("rank_*.pt"))]
     if not files:
         raise FileNotFoundError(f"checkpoint.resume: {path} holds no pieces (rank_*.pt)")
     saved: Pieces = {}

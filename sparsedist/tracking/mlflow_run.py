@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sparsedist.config.schema import TrackingConfig
+
+log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 _BATCH = 100  # MLflow's limit of params per log_batch call
@@ -39,50 +44,133 @@ def hardware() -> str:
 
 
 class Tracker:
-    """One MLflow run. Built with `active=False` (ranks other than 0) every call does nothing."""
+    """One MLflow run, from rank 0 (built with `active=False` every call does nothing).
 
-    def __init__(self, cfg: TrackingConfig, active: bool):
+    Every call becomes an operation that is delivered in order. While the tracking server
+    is unreachable, operations queue in memory and in `buffer` (JSON lines, rewritten as the
+    queue changes), delivery is retried at most every `retry_seconds`, and training goes on;
+    once the server answers, the queue is replayed in order (a run not yet created is created
+    first), so no metric is lost, even across a restart of the process: a new Tracker on the
+    same buffer takes over its queue. Errors other than an unreachable server are raised.
+    """
+
+    def __init__(self, cfg: TrackingConfig, active: bool, buffer: Path | None = None, retry_seconds: float = 30.0):
         self.active = active and cfg.enabled
         self.cfg = cfg
         self.run_id: str | None = None
+        self.buffer = buffer
+        self.retry_seconds = retry_seconds
+        self.pending: list[dict[str, Any]] = []
+        self._next_try = 0.0
         if self.active:
             from mlflow.tracking import MlflowClient
 
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a down server must not stall steps
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             self.client = MlflowClient(tracking_uri(cfg))
+            if buffer is not None and buffer.is_file():
+                self.pending = [json.loads(line) for line in buffer.read_text().splitlines() if line]
 
-    def start(self, run_name: str, params: dict[str, str], tags: dict[str, str], run_id: str | None) -> None:
-        """Open a new run, or reopen `run_id` when resuming."""
-        if not self.active:
-            return
-        from mlflow.entities import Param
-
+    def start(self, run_name: str, params: dict[str, str], tags: dict[str, Any], run_id: str | None) -> None:
+        """Open a new run, or reopen `run_id` when resuming (or the run a previous process queued)."""
         if run_id is not None:
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
-            self.set_tags(tags)
-            return
-        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.cfg.experiment)
-        run = self.client.create_run(experiment_id, run_name=self.cfg.run_name or run_name,
-                                     tags={k: str(v) for k, v in tags.items()})
-        self.run_id = run.info.run_id
-        items = [Param(k, v[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+            self._send({"op": "reopen", "run_id": run_id, "tags": _strings(tags)})
+        elif any(op["op"] == "create" for op in self.pending):
+            self._send({"op": "tags", "tags": _strings(tags)})
+        else:
+            self._send({"op": "create", "run_name": self.cfg.run_name or run_name,
+                        "params": {k: v[:6000] for k, v in params.items()}, "tags": _strings(tags)})
 
     def set_tags(self, tags: dict[str, object]) -> None:
-        if self.active:
-            from mlflow.entities import RunTag
-
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send({"op": "tags", "tags": _strings(tags)})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.active and metrics:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        if metrics:
+            self._send({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": step,
+                        "time": int(time.time() * 1000)})
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.active and self.run_id is not None:
-            self.client.set_terminated(self.run_id, status=status)
+        """End the run with `status` (trying the server now); what it never took stays in the buffer for a
+        later process on the same run directory."""
+        self._next_try = 0.0
+        self._send({"op": "finish", "status": status})
+        if self.pending:
+            log.warning("tracking server unreachable: %d operations kept in %s", len(self.pending), self.buffer)
+
+    def _send(self, op: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self.pending.append(op)
+        if time.monotonic() >= self._next_try:
+            self._deliver_pending()
+        self._persist()
+
+    def _deliver_pending(self) -> None:
+        backlog = len(self.pending)
+        while self.pending:
+            try:
+                self._deliver(self.pending[0])
+            except Exception as err:
+                if not _unreachable(err):
+                    raise
+                if backlog == len(self.pending):
+                    log.warning("tracking server unreachable (%s); buffering to %s", _first_line(err), self.buffer)
+                self._next_try = time.monotonic() + self.retry_seconds
+                return
+            self.pending.pop(0)
+        if backlog > 1:
+            log.info("tracking server reachable again: %d buffered operations delivered", backlog - 1)
+
+    def _deliver(self, op: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        kind = op["op"]
+        if kind == "create":
+            experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+            experiment_id = (experiment.experiment_id if experiment
+                             else self.client.create_experiment(self.cfg.experiment))
+            self.run_id = self.client.create_run(experiment_id, run_name=op["run_name"], tags=op["tags"]).info.run_id
+            items = [Param(k, v) for k, v in op["params"].items()]
+            for i in range(0, len(items), _BATCH):
+                self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+        elif kind == "reopen":
+            self.client.update_run(op["run_id"], status="RUNNING")
+            self.client.log_batch(op["run_id"], tags=[RunTag(k, v) for k, v in op["tags"].items()])
+        elif kind == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+        elif kind == "metrics":
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, op["time"], op["step"])
+                                                        for k, v in op["metrics"].items()])
+        else:
+            self.client.set_terminated(self.run_id, status=op["status"])
+
+    def _persist(self) -> None:
+        if self.buffer is None:
+            return
+        if self.pending:
+            self.buffer.parent.mkdir(parents=True, exist_ok=True)
+            self.buffer.write_text("".join(json.dumps(op) + "\n" for op in self.pending))
+        else:
+            self.buffer.unlink(missing_ok=True)
+
+
+def _strings(values: dict[str, object]) -> dict[str, str]:
+    return {k: str(v) for k, v in values.items()}
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) says the server could not be reached, rather than refused the call."""
+    import requests
+
+    while err is not None:
+        if isinstance(err, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return True
+        if "Max retries exceeded" in str(err) or "Connection refused" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__

@@ -69,7 +69,8 @@ class PrecomputedTeacher(Teacher):
 
     def targets(self, step: int, index: int, inputs: torch.Tensor) -> TopK:
         if self._step != step:
-            self._loaded = torch.load(_step_file(self.cache, step, self.rank), map_location=self.device)
+            self._loaded = torch.load(_step_file(self.cache, step, self.rank), map_location=self.device,
+                                      weights_only=True)
             self._step = step
         return TopK(self._loaded["logprobs"][index], self._loaded["indices"][index])
 
