@@ -137,11 +137,13 @@ class ParallelBackend:
         """The packed mask rows this rank holds for `layer`, and the flat index of their first element."""
         return self.local(layer.mask), self.row_range(layer.mask)[0] * layer.mask_row
 
-    def mask_range(self, layer: SparseLinear, piece: Piece, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """Flat bool mask of elements [lo, hi) of `piece` of the layer's weight (no collective)."""
+    def mask_range(self, layer: SparseLinear, piece: Piece, lo: int = 0, hi: int | None = None,
+                   dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """Flat mask (bool, or 0/1 in `dtype`) of elements [lo, hi) of `piece` of the layer's weight (no
+        collective)."""
         bits, origin = self.mask_bits(layer)
         hi = piece.weight.numel() if hi is None else hi
-        mask = layer.unpack_bits(bits, piece.start - origin + lo, piece.start - origin + hi)
+        mask = layer.unpack_bits(bits, piece.start - origin + lo, piece.start - origin + hi, dtype)
         if mask.numel() != hi - lo:
             raise RuntimeError(f"the mask bits held here cover {mask.numel()} of the {hi - lo} weights "
                                f"[{piece.start + lo}, {piece.start + hi}) of a piece: misaligned sharding")

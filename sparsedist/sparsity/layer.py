@@ -64,18 +64,19 @@ class SparseLinear(nn.Linear):
             out = out if self.bias is None else out + self.bias
         return out if self.branch is None else out + self.branch(x)
 
-    def unpack_bits(self, bits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Flat bool mask of elements [lo, hi) from packed mask rows whose first element is element 0."""
-        return unpack_rows(bits, self.mask_row, lo, hi)
+    def unpack_bits(self, bits: torch.Tensor, lo: int, hi: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """Flat mask (bool, or 0/1 in `dtype`) of elements [lo, hi) from packed mask rows whose first element
+        is element 0."""
+        return unpack_rows(bits, self.mask_row, lo, hi, dtype)
 
     def pack_bits(self, mask: torch.Tensor, rows: int) -> torch.Tensor:
         """`rows` packed mask rows holding a flat bool mask (zero-padded)."""
         return pack_rows(mask, rows, self.mask_row)
 
-    def dense_mask(self, bits: torch.Tensor | None = None) -> torch.Tensor:
-        """The [out, in] bool mask from the whole packed mask (default: the gathered `mask`)."""
+    def dense_mask(self, bits: torch.Tensor | None = None, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """The [out, in] mask (bool, or 0/1 in `dtype`) from the whole packed mask (default: the gathered `mask`)."""
         bits = self.mask if bits is None else bits
-        return self.unpack_bits(bits, 0, self.out_features * self.in_features).view(self.out_features, -1)
+        return self.unpack_bits(bits, 0, self.out_features * self.in_features, dtype).view(self.out_features, -1)
 
     def pack(self, mask: torch.Tensor) -> torch.Tensor:
         """The whole packed mask of an [out, in] bool mask."""

@@ -13,6 +13,7 @@ import torch
 
 _BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
+_BYTE_VALUES = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).float()  # [byte, bit j] as 0/1
 
 
 def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -40,10 +41,15 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return (padded * _BIT_WEIGHTS.to(mask.device)).sum(-1, dtype=torch.uint8)
 
 
-def unpack_mask(bits: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of `pack_mask`: [rows, ceil(cols/8)] uint8 to a [rows, cols] bool mask."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(bits.shape[0], bits.shape[1] * 8)[:, :cols]
+def unpack_mask(bits: torch.Tensor, cols: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """Inverse of `pack_mask`: [rows, ceil(cols/8)] uint8 to a [rows, cols] mask, bool or 0/1 in a floating
+    `dtype` (looked up 8 at a time from a byte table: a bool mask cast to float costs several times more)."""
+    if dtype == torch.bool:
+        shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+        values = (bits.unsqueeze(-1) >> shifts) & 1
+        return values.bool().reshape(bits.shape[0], bits.shape[1] * 8)[:, :cols]
+    table = _BYTE_VALUES.to(bits.device, dtype)
+    return torch.nn.functional.embedding(bits.long(), table).reshape(bits.shape[0], -1)[:, :cols]
 
 
 def pack_rows(flat: torch.Tensor, rows: int, row: int) -> torch.Tensor:
@@ -52,10 +58,10 @@ def pack_rows(flat: torch.Tensor, rows: int, row: int) -> torch.Tensor:
     return pack_mask(padded.view(rows, row))
 
 
-def unpack_rows(bits: torch.Tensor, row: int, lo: int, hi: int) -> torch.Tensor:
-    """Elements [lo, hi) of the flat bool mask packed as rows of `row` elements (unpacks only their rows)."""
+def unpack_rows(bits: torch.Tensor, row: int, lo: int, hi: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """Elements [lo, hi) of the flat mask packed as rows of `row` elements (unpacks only their rows)."""
     first = lo // row
-    rows = unpack_mask(bits[first: -(-hi // row)], row).reshape(-1)
+    rows = unpack_mask(bits[first: -(-hi // row)], row, dtype).reshape(-1)
     return rows[lo - first * row: hi - first * row]
 
 

@@ -63,6 +63,6 @@ class AST(MomentAdamMethod):
         return {id(p) for layer in self.layers.values() if layer.branch is not None
                 for p in layer.branch.parameters()}
 
-    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """u = m + λ(t)(1−M)⊙W."""
-        return momentum + self.decay_at(self.step) * (weight * ~mask)
+        return momentum + self.decay_at(self.step) * (weight * (1 - kept))

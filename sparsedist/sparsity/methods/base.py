@@ -161,9 +161,10 @@ class SparsityMethod:
             self._update_masks[id(tensor)] = [(offset, layers[id(param)], replace(self.backend.piece(param), grad=None))
                                               for param, offset in members if id(param) in layers]
 
-    def update_mask(self, tensor: torch.Tensor, part: slice) -> torch.Tensor | None:
-        """The bool mask of elements `part` of an optimizer tensor's local flat values, for this step's
-        update (None: no sparse weight there). Unpacked per call, so it costs no more than `part`."""
+    def update_mask(self, tensor: torch.Tensor, part: slice, dtype: torch.dtype = torch.bool) -> torch.Tensor | None:
+        """The mask (bool, or 0/1 in `dtype`) of elements `part` of an optimizer tensor's local flat values,
+        for this step's update (None: no sparse weight there). Unpacked per call, so it costs no more than
+        `part`; elements of no sparse weight count as kept."""
         try:
             members = self._update_masks[id(tensor)]
         except KeyError:
@@ -176,8 +177,9 @@ class SparsityMethod:
             first, last = max(lo, offset), min(hi, offset + piece.weight.numel())
             if first < last:
                 if mask is None:
-                    mask = torch.ones(hi - lo, dtype=torch.bool, device=piece.weight.device)
-                mask[first - lo: last - lo] = self.backend.mask_range(layer, piece, first - offset, last - offset)
+                    mask = torch.ones(hi - lo, dtype=dtype, device=piece.weight.device)
+                mask[first - lo: last - lo] = self.backend.mask_range(layer, piece, first - offset, last - offset,
+                                                                      dtype)
         return mask
 
     @torch.no_grad()

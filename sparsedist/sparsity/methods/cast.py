@@ -55,10 +55,11 @@ class CAST(MomentAdamMethod):
     def no_decay_parameters(self) -> set[int]:
         return {id(layer.scale) for layer in self.layers.values()}
 
-    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """μ̃ = μ on kept slots, (1−α_t)μ + α_t·λ·sign(W) on pruned ones."""
+    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """μ̃ = μ on kept slots, (1−α_t)μ + α_t·λ·sign(W) on pruned ones (M·a + (1−M)·b selects exactly)."""
         alpha = self.alpha_at(self.step)
-        return torch.where(mask, momentum, (1 - alpha) * momentum + alpha * self.cfg.decay * weight.sign())
+        pruned = (1 - alpha) * momentum + alpha * self.cfg.decay * weight.sign()
+        return kept * momentum + (1 - kept) * pruned
 
     @torch.no_grad()
     def finalize(self) -> None:

@@ -27,11 +27,11 @@ class MomentAdamMethod(SparsityMethod):
 
     def _moment(self, tensor: torch.Tensor, part: slice, weight: torch.Tensor, momentum: torch.Tensor
                 ) -> torch.Tensor:
-        mask = self.update_mask(tensor, part)
-        if mask is None:
+        kept = self.update_mask(tensor, part, weight.dtype)
+        if kept is None:
             return momentum  # no sparse weight in this part of the tensor: u = m
-        return self.smoothed_moment(weight, momentum, mask)
+        return self.smoothed_moment(weight, momentum, kept)
 
-    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """u from this rank's values of W, m and the aligned bool mask, at step `self.step`."""
+    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """u from this rank's values of W, m and the aligned mask M (0/1 in W's dtype), at step `self.step`."""
         raise NotImplementedError

@@ -11,7 +11,7 @@ from sparsedist.sparsity.methods.base import SparsityMethod
 
 def masked_ste_weight(layer: SparseLinear) -> torch.Tensor:
     """M⊙W in the forward, identity in the backward."""
-    return straight_through(layer.weight, lambda w: w * layer.dense_mask().to(w.dtype))
+    return straight_through(layer.weight, lambda w: w * layer.dense_mask(dtype=w.dtype))
 
 
 class STE(SparsityMethod):
@@ -46,6 +46,6 @@ def add_masked_decay(method: SparsityMethod, tensor: torch.Tensor, decay: float)
     weight, grad = method.backend.local(tensor).view(-1), method.backend.local(tensor.grad).view(-1)
     for start in range(0, weight.numel(), CHUNK):
         part = slice(start, start + CHUNK)
-        mask = method.update_mask(tensor, part)
-        if mask is not None:
-            grad[part].add_(weight[part] * ~mask, alpha=decay)
+        kept = method.update_mask(tensor, part, weight.dtype)
+        if kept is not None:
+            grad[part].addcmul_(weight[part], 1 - kept, value=decay)
