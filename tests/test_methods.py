@@ -380,3 +380,16 @@ def test_a_piece_its_mask_bits_do_not_cover_is_refused():
     beyond = type(piece)(torch.zeros(8), None, piece.stop - 4)  # 4 weights past the end of the layer
     with pytest.raises(RuntimeError, match="misaligned sharding"):
         method.backend.mask_range(layer, beyond)
+
+
+def test_cast_validation_sees_the_model_it_would_deliver():
+    _, method = setup("cast")
+    layer = first(method)
+    layer.scale.data.uniform_(0.5, 1.5)
+    x = torch.randn(4, layer.in_features)
+    with torch.no_grad():
+        with method.delivered():
+            delivered = layer(x)
+        pruned = layer.weight * expanded_scale(layer, layer.scale) * unpack_mask(layer.mask, layer.in_features)
+        torch.testing.assert_close(delivered, F.linear(x, pruned, layer.bias))
+        assert not torch.allclose(layer(x), delivered)  # training forward: dense A⊙W, restored on exit

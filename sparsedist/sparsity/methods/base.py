@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import ClassVar
 
@@ -54,6 +56,9 @@ class SparsityMethod:
     """Whether `decide` may run on any set of whole N:M groups (as [groups, m]); False for 4×4 blocks."""
     transform = staticmethod(dense_weight)
     """The weight the forward uses, from the layer (dense weight, packed mask, extra state)."""
+    delivered_transform: ClassVar[Callable[[SparseLinear], torch.Tensor] | None] = None
+    """The forward weight of the model the run would deliver now, where the training forward differs
+    from it (CAST trains dense); validation during training uses it (`delivered`)."""
 
     def __init__(self, cfg: SparsityConfig, backend: ParallelBackend, total_steps: int, fp8: bool = False):
         self.cfg = cfg
@@ -120,6 +125,21 @@ class SparsityMethod:
         for layer in self.layers.values():
             weight = self.backend.full_tensor(layer.weight)
             self.backend.set_full(layer.weight, weight * self.backend.full_mask(layer))
+
+    @contextmanager
+    def delivered(self) -> Iterator[None]:
+        """Within it, the layers forward with the weight the run would deliver now (for validation)."""
+        if self.delivered_transform is None:
+            yield
+            return
+        trained = {name: layer.transform for name, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.transform = type(self).delivered_transform
+        try:
+            yield
+        finally:
+            for name, layer in self.layers.items():
+                layer.transform = trained[name]
 
     # --- what a method may customise -----------------------------------------------------
 

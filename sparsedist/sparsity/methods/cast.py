@@ -30,9 +30,15 @@ def scaled_weight(layer: SparseLinear) -> torch.Tensor:
     return layer.weight * expanded_scale(layer, layer.scale).to(layer.weight.dtype)
 
 
+def pruned_scaled_weight(layer: SparseLinear) -> torch.Tensor:
+    """M⊙A⊙W: what the final hard prune would deliver with the current masks."""
+    return scaled_weight(layer) * layer.dense_mask(dtype=layer.weight.dtype)
+
+
 class CAST(MomentAdamMethod):
     name = "cast"
     transform = staticmethod(scaled_weight)
+    delivered_transform = staticmethod(pruned_scaled_weight)
 
     def extend(self, layer: SparseLinear) -> None:
         segments = self.cfg.scale_segments
