@@ -373,7 +373,7 @@ def _expand(pattern: str) -> list[Path]:
         files = [Path(p) for p in glob.glob(pattern, recursive=True)]
     files = sorted(p for p in files if p.is_file())
     if not files:
-        raise FileNotFoundError(f"no .txt or .jsonl files match {pattern!r}")
+        raise FileNotFoundError(f"no .txt, .json or .jsonl files match {pattern!r}")
     return files
 
 
