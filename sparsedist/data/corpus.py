@@ -227,7 +227,7 @@ def write_dataset(
 def _write_split(prefix: Path, documents: Sequence[Document], tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=TOKEN_DTYPE)
     counts = []
-    for name, ids in zip((doc.name for doc in documents), _encode(documents, tokenizer)):
+    for name, ids in zip((doc.name for doc in documents), _encode(documents, tokenizer), strict=True):
         builder.add_item(torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.int64))
         builder.end_document()
         counts.append({"name": name, "tokens": len(ids) + 1})
@@ -378,7 +378,7 @@ def _expand(pattern: str) -> list[Path]:
 
 
 def _documents(names: Sequence[str], texts: Sequence[str]) -> list[Document]:
-    documents = [Document(name, normalise_text(text)) for name, text in zip(names, texts)]
+    documents = [Document(name, normalise_text(text)) for name, text in zip(names, texts, strict=True)]
     return [doc for doc in documents if doc.text.strip()]
 
 
