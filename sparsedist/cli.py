@@ -87,6 +87,25 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return launch(recipe, args.recipe, overrides, args.launcher, Nodes(args.rdzv_endpoint, args.rdzv_id, args.hostfile))
 
 
+def cmd_slurm_render(args: argparse.Namespace) -> int:
+    from sparsedist_launch.slurm import Job, SlurmError, render
+
+    job = Job(Path(args.recipe), args.overrides, args.nodes, args.gpus_per_node, args.procs_per_node,
+              args.cpus_per_node, args.partition, args.time, args.array, args.sweep, args.signal_seconds, args.sbatch)
+    try:
+        script = render(job)
+    except SlurmError as err:
+        print(f"sparsedist slurm render: {err}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        sys.stdout.write(script)
+        return 0
+    args.out.write_text(script)
+    args.out.chmod(0o755)
+    print(f"wrote {args.out}; submit it with: sbatch {args.out}")
+    return 0
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from sparsedist.config.schema import DataConfig
     from sparsedist.data import prepare_dataset
@@ -101,10 +120,60 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sparsedist.export import export_checkpoint
+    from sparsedist.export import ExportOptions, export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out)
+    options = ExportOptions(args.compressed, args.quantize, args.group_size)
+    report = export_checkpoint(args.checkpoint, args.out, options)
+    if report is not None:
+        from sparsedist.eval.report import format_footprint
+
+        print(format_footprint(report))
     print(f"exported {args.checkpoint} to {args.out}")
+    return 0
+
+
+def _eval_device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    import json
+
+    from sparsedist.eval.errors import EvalError
+    from sparsedist.eval.load import load_model
+    from sparsedist.eval.perplexity import check_tokenizer, model_seq_len, perplexity, split_stream, text_stream
+
+    model, tokenizer = load_model(args.model, _eval_device(args))
+    if args.text:
+        stream, source = text_stream(args.text, tokenizer), str(args.text)
+    else:
+        check_tokenizer(tokenizer, args.data_dir)
+        stream, source = split_stream(args.data_dir, args.split), f"{args.data_dir} ({args.split} split)"
+    context = model_seq_len(model)
+    if (args.seq_len or 0) > context:
+        raise EvalError(f"--seq-len {args.seq_len} exceeds the model's context of {context} tokens")
+    result = perplexity(model, stream, args.seq_len or context, args.batch)
+    print(f"{args.model}: ppl {result.ppl:.4f}, loss {result.loss:.6f} on {source}: {result.windows} windows of "
+          f"{result.seq_len} tokens ({result.tokens:,} predicted; the last partial window dropped)")
+    if args.output:
+        args.output.write_text(json.dumps({"model": str(args.model), "data": source, **result.as_dict()}, indent=1))
+    return 0
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    import json
+
+    from sparsedist.eval.tasks import result_rows, run_tasks
+
+    tasks = [task for task in args.tasks.split(",") if task]
+    results = run_tasks(args.model, tasks, args.include_path, args.limit, args.batch, _eval_device(args))
+    for task, metric, value, stderr in result_rows(results):
+        print(f"{task}  {metric}  {value:.4f}" + ("" if stderr is None else f"  ± {stderr:.4f}"))
+    if args.output:
+        args.output.write_text(json.dumps({"model": str(args.model), **results}, indent=1, default=str))
+        print(f"wrote {args.output}")
     return 0
 
 
@@ -207,6 +276,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostfile", type=Path, help="deepspeed: an MPI-style hostfile naming every node")
     p.set_defaults(func=cmd_launch)
 
+    slurm = sub.add_parser("slurm", help="Slurm jobs (docs/cluster.md)")
+    p = slurm.add_subparsers(dest="slurm_command", required=True).add_parser(
+        "render", help="an sbatch script that runs the recipe on N nodes, checkpoints and requeues itself on "
+        "USR1, and resumes")
+    _recipe_args(p)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True, help="0: a CPU job (see --procs-per-node)")
+    p.add_argument("--procs-per-node", type=int, help="CPU jobs: ranks per node (default 1)")
+    p.add_argument("--cpus-per-node", type=int, help="CPUs of each node's task (#SBATCH --cpus-per-task)")
+    p.add_argument("--partition")
+    p.add_argument("--time", help="time limit, e.g. 2-00:00:00")
+    p.add_argument("--signal-seconds", type=int, default=300,
+                   help="USR1 (checkpoint and requeue) this long before the time limit (default: %(default)s)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a job array over these values (repeat for a grid); task i writes to output_dir/task_i")
+    p.add_argument("--array", metavar="SPEC", help="with --sweep: the tasks to run, e.g. 0-9%%2 (default: all)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="--OPTION=VALUE",
+                   help="another #SBATCH option, e.g. --sbatch=--account=abc (repeatable)")
+    p.add_argument("--out", type=Path, help="write the script here (default: standard output)")
+    p.set_defaults(func=cmd_slurm_render)
+
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("prepare", help="tokenize a recipe's data source (default: the embedded corpus)")
     p.add_argument("recipe", nargs="?", help="recipe whose data section to prepare")
@@ -216,7 +306,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="finalize a checkpoint, verify its N:M weights, write a Hugging Face dir")
     p.add_argument("checkpoint", type=Path, help="a step folder of a run's checkpoints")
     p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--compressed", action="store_true", help="also write OUT/compressed: the 2:4 linears in "
+                   "compressed-tensors' sparse-24-bitmask layout (vLLM); with a per-layer report")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only round-to-nearest of the blocks' linears: "
+                   "int8 per output channel, int4 per group (docs/eval.md)")
+    p.add_argument("--group-size", type=_positive, default=128, help="int4: inputs per group (default: %(default)s)")
     p.set_defaults(func=cmd_export)
+
+    evaluate = sub.add_parser("eval", help="evaluate an exported model, a compressed one or a checkpoint "
+                              "(docs/eval.md)").add_subparsers(dest="eval_command", required=True)
+    p = evaluate.add_parser("ppl", help="perplexity over a whole split or text file in non-overlapping windows")
+    p.add_argument("model", type=Path, help="an exported (or compressed) model directory, or a checkpoint step folder")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", type=Path, help="a raw text file (e.g. wiki.test.raw), tokenized by the model's "
+                        "tokenizer")
+    source.add_argument("--data-dir", type=Path, default=Path("data/shakespeare"),
+                        help="a prepared dataset (default: %(default)s, the embedded corpus)")
+    p.add_argument("--split", default="valid", help="with --data-dir: the split (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive, help="window length (default: the model's context length)")
+    p.add_argument("--batch", type=_positive, default=4, help="windows per forward (default: %(default)s)")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--output", type=Path, help="also write the result to this JSON file")
+    p.set_defaults(func=cmd_eval_ppl)
+    p = evaluate.add_parser("tasks", help="zero-shot tasks through lm-evaluation-harness (lm_eval)")
+    p.add_argument("model", type=Path, help="an exported (or compressed) model directory, or a checkpoint step folder")
+    p.add_argument("--tasks", required=True, metavar="T1,T2", help="lm-eval task names, e.g. boolq,rte,hellaswag")
+    p.add_argument("--include-path", type=Path, help="a folder of extra task YAML files")
+    p.add_argument("--limit", type=_positive, help="at most this many documents per task")
+    p.add_argument("--batch", type=_positive, default=4, help="batch size (default: %(default)s)")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--output", type=Path, help="also write the harness's results to this JSON file")
+    p.set_defaults(func=cmd_eval_tasks)
 
     p = sub.add_parser("demo", help="the main job: dense pretraining, one-shot 2:4, SR-STE retraining, on CPU")
     p.add_argument("--nproc", type=int, default=2, help="processes per run")
@@ -280,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_libraries()
     from sparsedist.checkpoint import CheckpointError
+    from sparsedist.eval.errors import EvalError
     from sparsedist.export import ExportError
+    from sparsedist.parallel.backend import NonFiniteError
     from sparsedist.scaling import ScalingError
 
     try:
@@ -291,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as err:
         print(f"sparsedist: export refused: {err}", file=sys.stderr)
         return 1
-    except (ScalingError, CheckpointError) as err:
+    except (ScalingError, CheckpointError, EvalError, NonFiniteError) as err:
         print(f"sparsedist: {err}", file=sys.stderr)
         return 1
 

@@ -6,12 +6,18 @@ safetensors weights, the config and the tokenizer; `AutoModelForCausalLM.from_pr
 loads it. Method state never reaches it: masks are dropped, CAST scales and S-STE's β must
 have been folded (value 1) by `finalize`, and SLoRB branches, which a transformers model
 cannot express, are written beside the weights to `slorb.safetensors`.
+
+`ExportOptions` add (docs/eval.md): weight-only quantization of the blocks' linears (the
+directory's weights become the quantized values; `quantized.safetensors` holds the codes),
+a compressed-tensors `sparse-24-bitmask` copy of the model in `compressed/`, and with either
+a per-layer report of sparsity and bytes, `compression.json`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +31,7 @@ from sparsedist.config import Recipe
 from sparsedist.config.load import validate_recipe
 from sparsedist.config.schema import ParallelConfig
 from sparsedist.data import load_tokenizer
-from sparsedist.models import export_pretrained
+from sparsedist.models import FAMILIES, Family, export_pretrained
 from sparsedist.parallel import ParallelBackend, init_runtime, shutdown
 from sparsedist.train.student import Student, build_student
 
@@ -35,6 +41,18 @@ FOLDED = (".scale", ".beta")
 
 class ExportError(ValueError):
     """The model is not what the run claims to deliver."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an export writes besides the dense-with-zeros weights."""
+
+    compressed: bool = False
+    """Also write `compressed/`: the 2:4 linears in compressed-tensors' sparse-24-bitmask layout."""
+    quantize: str | None = None
+    """`int8` (per output channel) or `int4` (per group): weight-only round-to-nearest, symmetric."""
+    group_size: int = 128
+    """int4: inputs per group."""
 
 
 def verify_nm(state: dict[str, torch.Tensor], layers: list[str], n: int, m: int) -> None:
@@ -48,9 +66,18 @@ def verify_nm(state: dict[str, torch.Tensor], layers: list[str], n: int, m: int)
 
 
 def export_state(state: dict[str, torch.Tensor], recipe: Recipe, student: Student,
-                 tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
-    """Write a finalized full state dict as a Hugging Face directory, atomically."""
+                 tokenizer: PreTrainedTokenizerFast, out: Path, options: ExportOptions | None = None) -> dict | None:
+    """Write a finalized full state dict as a Hugging Face directory, atomically.
+
+    Returns the report of `compression.json` when `options` ask for compression or quantization.
+    """
     layers = list(student.method.layers)
+    options = options or ExportOptions()
+    family = FAMILIES[recipe.model.family]
+    if options.compressed and (family.conv1d or not student.method.delivers_sparse):
+        why = "Conv1D weights are stored [in, out]" if family.conv1d else "it delivers a dense model"
+        raise ExportError(f"--compressed: {recipe.sparsity.method} on {family.name} has no 2:4 weights to compress "
+                          f"({why})")
     if student.method.delivers_sparse:
         verify_nm(state, layers, recipe.sparsity.n, recipe.sparsity.m)
     for key, value in state.items():
@@ -61,16 +88,42 @@ def export_state(state: dict[str, torch.Tensor], recipe: Recipe, student: Studen
                if not k.endswith((".mask", *FOLDED)) and ".branch." not in k}
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
+    quantized = None
+    if options.quantize:
+        from sparsedist.eval.quantize import BITS, quantize_state
+
+        quantized = quantize_state(weights, family, BITS[options.quantize], options.group_size)
+        weights = {**weights, **{f"{layer}.weight": q.dequantize().to(weights[f"{layer}.weight"].dtype)
+                                 for layer, q in quantized.items()}}
     export_pretrained(weights, recipe.model, student.config, staging)
     tokenizer.save_pretrained(staging)
     if branches:
         save_file(branches, staging / "slorb.safetensors")
+    report = _export_extras(weights, family, quantized, options, staging) if quantized or options.compressed else None
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
+    return report
 
 
-def export_checkpoint(checkpoint: Path, out: Path) -> None:
-    """Load a training checkpoint in one process, finalize, verify and export it."""
+def _export_extras(weights: dict[str, torch.Tensor], family: Family, quantized: dict | None, options: ExportOptions,
+                   staging: Path) -> dict:
+    """`quantized.safetensors`, `compressed/` and the report `compression.json`, in the staging directory."""
+    from sparsedist.eval.compress import COMPRESSED_DIR, compress_dir
+    from sparsedist.eval.quantize import BITS, QUANTIZED, save_quantized
+    from sparsedist.eval.report import footprint, write_footprint
+
+    quantized_sizes = compressed_sizes = None
+    if quantized:
+        quantized_sizes = save_quantized(staging / QUANTIZED, quantized, BITS[options.quantize], options.group_size)
+    if options.compressed:
+        compressed_sizes = compress_dir(staging, staging / COMPRESSED_DIR)
+    report = footprint(weights, family, compressed_sizes, quantized_sizes, staging)
+    write_footprint(report, staging)
+    return report
+
+
+def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions | None = None) -> dict | None:
+    """Load a training checkpoint in one process, finalize, verify and export it (see `export_state`)."""
     verify_manifest(checkpoint)
     trainer_state = json.loads((checkpoint / TRAINER_FILE).read_text())
     recipe = validate_recipe(trainer_state["recipe"])
@@ -84,6 +137,6 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
         else:
             backend.load_state(checkpoint, student.model, None)
         student.method.finalize()
-        export_state(backend.full_state_dict(student.model), recipe, student, tokenizer, out)
+        return export_state(backend.full_state_dict(student.model), recipe, student, tokenizer, out, options)
     finally:
         shutdown()

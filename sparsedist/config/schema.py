@@ -156,6 +156,9 @@ class TrainConfig(Section):
     output_dir: Path | None = None
     """Checkpoints, exported model and logs; default runs/<name>."""
     log_interval: int = Field(10, gt=0)
+    max_nonfinite_steps: int = Field(3, ge=0)
+    """Consecutive steps with a non-finite loss or gradient that are skipped (no update) before the run
+    stops with an error; 0 stops at the first."""
 
 
 class CheckpointConfig(Section):

@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+class NonFiniteError(RuntimeError):
+    """Training met non-finite values it may not go on with."""
+
+
 @dataclass
 class Piece:
     """This rank's share of a parameter's fp32 master values: what its optimizer updates."""
@@ -175,6 +179,11 @@ class ParallelBackend:
         start, stop = self.row_range(param)
         self.local(param).copy_(value[start:stop])
 
+    def all_finite(self, model: nn.Module) -> bool:
+        """Whether every trainable value of the model, on every rank, is finite (all ranks call)."""
+        bad = sum(int((~torch.isfinite(self.piece(p).weight)).sum()) for p in model.parameters() if p.requires_grad)
+        return self.all_reduce_sum([float(bad)])[0] == 0
+
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sums of `values` over all ranks (float64)."""
         if self.runtime.world_size == 1:
@@ -189,12 +198,15 @@ class ParallelBackend:
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None,
              update_hook: UpdateHook) -> float:
-        """Clip to `max_norm` (when given), call `update_hook`, step and zero the gradients.
-        Returns the global gradient norm before clipping."""
+        """Clip to `max_norm` (when given), call `update_hook`, step and zero the gradients; with a
+        non-finite global norm (a NaN or Inf anywhere) skip the update. Returns the norm before clipping."""
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            return float(norm)
         if max_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         update_hook([p for group in optimizer.param_groups for p in group["params"]], True)

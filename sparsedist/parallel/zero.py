@@ -26,6 +26,7 @@ and any ZeRO stage.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from torch import nn
 
 from sparsedist.checkpoint.pieces import Pieces, assemble, assemble_mask, read_pieces, write_pieces
 from sparsedist.config.schema import Recipe
-from sparsedist.parallel.backend import OptimizerLayout, ParallelBackend, Piece, UpdateHook
+from sparsedist.parallel.backend import NonFiniteError, OptimizerLayout, ParallelBackend, Piece, UpdateHook
 from sparsedist.parallel.runtime import Runtime
 from sparsedist.sparsity.layer import SparseLinear, sparse_layers
 from sparsedist.sparsity.masks import pack_mask, packed_width
@@ -236,7 +237,10 @@ class ZeroBackend(ParallelBackend):
         if self._first:
             raise RuntimeError("deepspeed skipped the optimizer step (non-finite gradients)")
         self._hook = None
-        return float(model.get_global_grad_norm())
+        norm = float(model.get_global_grad_norm())
+        if not math.isfinite(norm):  # DeepSpeed has stepped already: nothing to skip, the run must stop
+            raise NonFiniteError(f"non-finite gradient norm ({norm}) under DeepSpeed, which cannot skip the step")
+        return norm
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         """DeepSpeed steps one group at a time, each right after its gradients were prepared and clipped."""

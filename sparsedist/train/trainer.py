@@ -6,6 +6,8 @@ Every rank runs the same code; rank 0 alone tracks, shows progress and exports.
 from __future__ import annotations
 
 import logging
+import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,14 @@ from sparsedist.data import TokenBatches, eval_batches, load_tokenizer, prepare_
 from sparsedist.export import export_state
 from sparsedist.models import model_config
 from sparsedist.parallel import Runtime, init_runtime, make_backend, shutdown
+from sparsedist.parallel.backend import NonFiniteError
+from sparsedist.plan import training_flops
 from sparsedist.tracking import Tracker
 from sparsedist.tracking.mlflow_run import git_revision, hardware
 from sparsedist.train.evaluate import evaluate
 from sparsedist.train.losses import training_loss
 from sparsedist.train.optim import lr_factor, set_lr
+from sparsedist.train.preemption import Preemption
 from sparsedist.train.student import build_student
 from sparsedist.train.teacher import build_teacher, precompute_teacher
 
@@ -50,6 +55,7 @@ class Trainer:
     """One run of a recipe on this rank."""
 
     def __init__(self, recipe: Recipe, runtime: Runtime):
+        self.preemption = Preemption(runtime.device)  # first: a signal during set-up stops after the first step
         self.recipe = recipe
         self.runtime = runtime
         self.backend = make_backend(recipe, runtime)
@@ -72,7 +78,8 @@ class Trainer:
         self.teacher = build_teacher(recipe, config, self.backend)
         self.tokens_per_step = t.global_batch * d.seq_len
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", recipe.checkpoint.keep, self.backend)
-        self.tracker = Tracker(recipe.tracking, runtime.is_main)
+        self.tracker = Tracker(recipe.tracking, runtime.is_main, self.output_dir / "tracking-buffer.jsonl")
+        self.nonfinite_steps = 0
 
     def _resume(self) -> tuple[int, str | None]:
         """Restore the latest (or the named) checkpoint; returns (first step to run, tracking run id)."""
@@ -89,7 +96,8 @@ class Trainer:
         return state["step"], state.get("mlflow_run_id")
 
     def fit(self) -> dict[str, float]:
-        """Train to the recipe's last step, then finalize, evaluate and export. Returns the final metrics."""
+        """Train to the recipe's last step, then finalize, evaluate and export. Returns the final metrics
+        (none when preempted: then it returns after checkpointing the last finished step)."""
         r = self.recipe
         start, run_id = self._resume()
         self.tracker.start(r.name, flatten(r), self._tags(), run_id)
@@ -110,6 +118,8 @@ class Trainer:
                 if done % r.checkpoint.interval == 0 or done == r.train.steps:
                     self._save(done)
                 bar.update(1)
+                if done < r.train.steps and (signum := self.preemption.agreed()):
+                    return self._preempted(done, signum, saved=done % r.checkpoint.interval == 0)
         except BaseException:
             self.tracker.finish("FAILED")
             raise
@@ -138,10 +148,25 @@ class Trainer:
                 parts_sum[key] = parts_sum.get(key, 0.0) + value / len(micro_batches)
         grad_norm = self.backend.step(self.model, self.optimizer, r.optim.grad_clip,
                                       lambda tensors, first: self.method.before_update(step, tensors, first))
+        self._count_nonfinite(step, grad_norm)
         self.method.after_step(step)
         elapsed = time.perf_counter() - started
         return {**parts_sum, "lr": lr, "grad_norm": grad_norm, "tokens": (step + 1) * self.tokens_per_step,
                 "tokens_per_s": self.tokens_per_step / elapsed}
+
+    def _count_nonfinite(self, step: int, grad_norm: float) -> None:
+        """A non-finite gradient norm (from a NaN or Inf loss or gradient on any rank) means the backend
+        skipped the update; more than `train.max_nonfinite_steps` such steps in a row stop the run."""
+        if math.isfinite(grad_norm):
+            self.nonfinite_steps = 0
+            return
+        self.nonfinite_steps += 1
+        limit = self.recipe.train.max_nonfinite_steps
+        log.warning("step %d: gradient norm %s, update skipped (%d in a row, at most %d)", step, grad_norm,
+                    self.nonfinite_steps, limit)
+        if self.nonfinite_steps > limit:
+            raise NonFiniteError(f"train.max_nonfinite_steps: {self.nonfinite_steps} steps in a row had a non-finite "
+                                 f"loss or gradient (the last: step {step}); the last checkpoint is intact")
 
     def _global_loss(self, metrics: dict[str, float]) -> dict[str, float]:
         """This step's loss terms averaged over ranks (each rank saw an equal share of the global batch)."""
@@ -150,9 +175,13 @@ class Trainer:
         return {k: s / self.runtime.world_size for k, s in zip(keys, sums, strict=True)}
 
     def _evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.eval_data, self.backend)
+        """Validation of the model the run would deliver now (CAST: pruned with the current masks)."""
+        with self.method.delivered():
+            return evaluate(self.model, self.eval_data, self.backend)
 
     def _save(self, step: int) -> None:
+        if not self.backend.all_finite(self.model):
+            raise NonFiniteError(f"step {step}: the weights hold a NaN or Inf; no checkpoint is written")
         self.checkpointer.save(step, self.model, self.optimizer, {
             "tokens": step * self.tokens_per_step,
             "mlflow_run_id": self.tracker.run_id,
@@ -161,11 +190,22 @@ class Trainer:
             "recipe": self.recipe.model_dump(mode="json"),
         })
 
+    def _preempted(self, step: int, signum: int, saved: bool) -> dict[str, float]:
+        """Stop after `step`: checkpoint it (unless just saved), mark the MLflow run KILLED."""
+        if not saved:
+            self._save(step)
+        log.info("%s: stopped after step %d; its checkpoint is where the run resumes",
+                 signal.Signals(signum).name, step)
+        self.tracker.finish("KILLED")
+        return {}
+
     def _finish(self) -> dict[str, float]:
         self.method.finalize()
         final = {f"final_{k}": v for k, v in self._evaluate().items()}
         self.tracker.log_metrics(final, step=self.recipe.train.steps)
-        self.tracker.set_tags({"tokens": self.recipe.train.steps * self.tokens_per_step})
+        tokens, config = self.recipe.train.steps * self.tokens_per_step, self.student.config
+        self.tracker.set_tags({"tokens": tokens, "flops": training_flops(
+            self.student.num_params, config.num_hidden_layers, config.hidden_size, self.recipe.data.seq_len, tokens)})
         if self.recipe.checkpoint.export:
             self._export(self.output_dir / "model")
         self.tracker.finish()
@@ -187,6 +227,7 @@ class Trainer:
             "params": self.student.num_params,
             "sparse_params": sum(layer.weight.numel() for layer in self.method.layers.values()),
             "sparsity_pattern": "dense" if r.sparsity.method == "dense" else f"{r.sparsity.n}:{r.sparsity.m}",
+            "tokens_per_step": self.tokens_per_step,
             "recipe": r.name,
             "recipe_hash": recipe_hash(r),
             "git_revision": git_revision(),
