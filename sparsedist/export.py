@@ -33,6 +33,7 @@ from sparsedist.config.schema import ParallelConfig
 from sparsedist.data import load_tokenizer
 from sparsedist.models import FAMILIES, Family, export_pretrained
 from sparsedist.parallel import ParallelBackend, init_runtime, shutdown
+from sparsedist.sparsity.masks import nm_violations
 from sparsedist.train.student import Student, build_student
 
 FOLDED = (".scale", ".beta")
@@ -58,10 +59,8 @@ class ExportOptions:
 def verify_nm(state: dict[str, torch.Tensor], layers: list[str], n: int, m: int) -> None:
     """Every listed weight has at most n non-zeros in every group of m inputs."""
     for name in layers:
-        weight = state[f"{name}.weight"]
-        nonzero = (weight != 0).reshape(weight.shape[0], -1, m).sum(-1)
-        if (nonzero > n).any():
-            bad = int((nonzero > n).sum())
+        bad = nm_violations(state[f"{name}.weight"], n, m)
+        if bad:
             raise ExportError(f"{name}: {bad} groups of {m} hold more than {n} non-zeros")
 
 

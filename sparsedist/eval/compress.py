@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from sparsedist.eval.errors import EvalError
 from sparsedist.models import FAMILIES, Family
-from sparsedist.sparsity.masks import pack_mask, unpack_mask
+from sparsedist.sparsity.masks import nm_violations, pack_mask, unpack_mask
 
 FORMAT = "sparse-24-bitmask"
 PARTS = ("compressed", "bitmask", "shape")
@@ -38,9 +38,7 @@ COMPRESSED_DIR = "compressed"
 
 def is_24(weight: torch.Tensor) -> bool:
     """Whether a 2-D weight has at most 2 non-zeros in every group of 4 consecutive inputs."""
-    if weight.dim() != 2 or weight.shape[1] % 4:
-        return False
-    return bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())
+    return weight.dim() == 2 and weight.shape[1] % 4 == 0 and nm_violations(weight, 2, 4) == 0
 
 
 def keep_mask(weight: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,11 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     return (torch.stack(rank, -1) < n).reshape(weight.shape)
 
 
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
+    """Groups of `m` consecutive inputs of an [out, in] weight (in % m == 0) holding more than `n` non-zeros."""
+    return int(((weight != 0).reshape(weight.shape[0], -1, m).sum(-1) > n).sum())
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Pack a [rows, cols] bool mask to [rows, ceil(cols/8)] uint8, element 8k+j in bit j of byte k."""
     rows, cols = mask.shape
