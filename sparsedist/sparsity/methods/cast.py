@@ -26,8 +26,10 @@ def expanded_scale(layer: SparseLinear, scale: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_weight(layer: SparseLinear) -> torch.Tensor:
-    """A⊙W, dense: CAST trains without masking the forward."""
-    return layer.weight * expanded_scale(layer, layer.scale).to(layer.weight.dtype)
+    """A⊙W, dense: CAST trains without masking the forward. Each row viewed as n segments times its n
+    scales, broadcast (the expanded [rows, in] factor is never built)."""
+    weight, scale = layer.weight, layer.scale.to(layer.weight.dtype)
+    return (weight.view(weight.shape[0], scale.shape[1], -1) * scale.unsqueeze(-1)).view(weight.shape)
 
 
 def pruned_scaled_weight(layer: SparseLinear) -> torch.Tensor:
