@@ -10,6 +10,11 @@ While the ranks run, SIGTERM and SIGUSR1 sent to this process reach each rank on
 rank handles it: a rank still starting up, or already exiting, would ignore it or die of it
 (Linux: the rank's SigCgt mask in /proc tells). The launcher's children inherit an ignored
 SIGUSR1, since Slurm signals every process of a job step: torchrun must survive it.
+
+A rank that dies (`--max-restarts N`): torchrun stops the others and starts the group again,
+up to N times; the DeepSpeed launcher, which also stops every rank when one fails, is started
+again by this process. Either way the new ranks resume from the latest complete checkpoint
+(`checkpoint.resume: auto`); the steps since then run again.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ class Nodes:
     """deepspeed: an MPI-style hostfile (`host slots=N` per line) naming every node."""
 
 
-def torchrun_command(recipe: Recipe, recipe_path: str, overrides: list[str], nodes: Nodes = Nodes()) -> list[str]:
-    """torchrun with one process per rank of this node, each running `sparsedist train`.
+def torchrun_command(recipe: Recipe, recipe_path: str, overrides: list[str], nodes: Nodes = Nodes(),
+                     max_restarts: int = 0) -> list[str]:
+    """torchrun with one process per rank of this node, each running `sparsedist train`; a failed group
+    starts again up to `max_restarts` times.
 
     `--standalone` on one node without an endpoint; otherwise c10d rendezvous at the endpoint.
     """
@@ -56,7 +63,7 @@ def torchrun_command(recipe: Recipe, recipe_path: str, overrides: list[str], nod
                      f"--rdzv-endpoint={nodes.rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
     return [
         sys.executable, "-m", "torch.distributed.run",
-        *placement, f"--nproc-per-node={recipe.parallel.nproc_per_node}",
+        *placement, f"--nproc-per-node={recipe.parallel.nproc_per_node}", f"--max-restarts={max_restarts}",
         "-m", "sparsedist", "train", recipe_path, *overrides,
     ]
 
@@ -82,15 +89,15 @@ def deepspeed_command(recipe: Recipe, recipe_path: str, overrides: list[str], no
             "--no_local_rank", "--no_python", "env", *env, sys.executable, "-u", "-m", *train]
 
 
-LAUNCHERS = {"torchrun": torchrun_command, "deepspeed": deepspeed_command}
-
-
 def rank_variables(nproc_per_node: int) -> dict[str, str]:
     """The conventional rank environment: this node's CPUs split between its ranks, NCCL errors raised
-    (not hung on) and NCCL warnings shown. Values already in the environment win."""
+    (not hung on) and NCCL warnings shown, and a process group store of the ranks' own rather than
+    torchrun's rendezvous store: on the shared one, a restarted group can read the keys of the
+    failed attempt and hang in init_process_group (pytorch/pytorch#135712; seen under gloo with
+    torch 2.13). Values already in the environment win."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     defaults = {"OMP_NUM_THREADS": str(max(1, cpus // nproc_per_node)),
-                "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
+                "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     return {k: os.environ.get(k, v) for k, v in defaults.items()}
 
 
@@ -116,14 +123,30 @@ def refusal(recipe: Recipe, launcher: str, nodes: Nodes) -> str | None:
 
 
 def launch(recipe: Recipe, recipe_path: str, overrides: list[str], launcher: str = "torchrun",
-           nodes: Nodes = Nodes()) -> int:
-    """Run the recipe's ranks on this node to completion with `launcher`; returns its exit status."""
+           nodes: Nodes = Nodes(), max_restarts: int = 0) -> int:
+    """Run the recipe's ranks on this node to completion with `launcher`, starting a failed group again up
+    to `max_restarts` times; returns the exit status."""
     reason = refusal(recipe, launcher, nodes)
     if reason:
         print(f"sparsedist launch: {reason}", file=sys.stderr)
         return 2
-    command = LAUNCHERS[launcher](recipe, recipe_path, overrides, nodes)
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by torchrun and the starting ranks
+    if launcher == "torchrun":
+        return run_forwarding(torchrun_command(recipe, recipe_path, overrides, nodes, max_restarts), recipe)[0]
+    command = deepspeed_command(recipe, recipe_path, overrides, nodes)
+    for attempt in range(max_restarts + 1):
+        status, signalled = run_forwarding(command, recipe)
+        if status == 0 or signalled:  # a preempted or cancelled job is not restarted
+            break
+        if attempt < max_restarts:
+            print(f"sparsedist launch: the ranks failed (exit {status}); restart {attempt + 1} of {max_restarts}, "
+                  "from the latest complete checkpoint", file=sys.stderr)
+    return status
+
+
+def run_forwarding(command: list[str], recipe: Recipe) -> tuple[int, bool]:
+    """Run a launcher command with the rank environment; its exit status, and whether a preemption signal
+    was forwarded to it."""
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by the launcher and the starting ranks
     try:
         proc = subprocess.Popen(command, env=rank_environment(recipe))
     finally:
@@ -132,8 +155,9 @@ def launch(recipe: Recipe, recipe_path: str, overrides: list[str], launcher: str
         return wait_forwarding(proc)
 
 
-def wait_forwarding(proc: subprocess.Popen) -> int:
-    """Wait for `proc`; after a SIGTERM or SIGUSR1, send SIGUSR1 once to each of its ranks that handles it."""
+def wait_forwarding(proc: subprocess.Popen) -> tuple[int, bool]:
+    """Wait for `proc`; after a SIGTERM or SIGUSR1, send SIGUSR1 once to each of its ranks that handles it.
+    Returns the exit status and whether such a signal came."""
     requested, signalled = False, set()
 
     def deliver() -> None:
@@ -154,7 +178,7 @@ def wait_forwarding(proc: subprocess.Popen) -> int:
     try:
         while True:
             try:
-                return proc.wait(timeout=POLL_S)  # a handler does not end a blocking wait: poll
+                return proc.wait(timeout=POLL_S), requested  # a handler does not end a blocking wait: poll
             except subprocess.TimeoutExpired:
                 if requested:
                     deliver()

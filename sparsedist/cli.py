@@ -19,14 +19,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def _at_least(minimum: int, name: str):
+    """An argparse type: an integer of at least `minimum`, named `name` in argparse's message."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-_positive.__name__ = "positive integer"  # argparse names the type in its message
+_positive = _at_least(1, "positive integer")
+_non_negative = _at_least(0, "non-negative integer")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +90,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.nnodes is not None:
         overrides.append(f"parallel.nnodes={args.nnodes}")
     recipe = _load_checked(args.recipe, overrides)
-    return launch(recipe, args.recipe, overrides, args.launcher, Nodes(args.rdzv_endpoint, args.rdzv_id, args.hostfile))
+    return launch(recipe, args.recipe, overrides, args.launcher, Nodes(args.rdzv_endpoint, args.rdzv_id, args.hostfile),
+                  args.max_restarts)
 
 
 def cmd_slurm_render(args: argparse.Namespace) -> int:
@@ -274,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-id", help="torchrun: the rendezvous id, the same on every node (default: recipe "
                    "name and hash)")
     p.add_argument("--hostfile", type=Path, help="deepspeed: an MPI-style hostfile naming every node")
+    p.add_argument("--max-restarts", type=_non_negative, default=0, metavar="N",
+                   help="when a rank dies, stop the others and start the group again from the latest complete "
+                   "checkpoint, up to N times (default: %(default)s)")
     p.set_defaults(func=cmd_launch)
 
     slurm = sub.add_parser("slurm", help="Slurm jobs (docs/cluster.md)")

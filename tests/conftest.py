@@ -59,3 +59,18 @@ def metric_history(out: Path, key: str) -> dict[int, float]:
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     (run_info,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     return {m.step: m.value for m in client.get_metric_history(run_info.info.run_id, key)}
+
+
+def checkpoint_model(path: Path) -> dict:
+    """The full model tensors (flat) of a checkpoint folder, whichever backend wrote it."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from sparsedist.checkpoint.pieces import assemble, is_piece_checkpoint, read_pieces
+
+    if is_piece_checkpoint(path):
+        saved, _ = read_pieces(path)
+        return {name: assemble(saved, name, sum(t.numel() for _, t in pieces))
+                for name, pieces in saved.items() if "@" not in name}
+    dcp_to_torch_save(path, path.parent / "model.pt")
+    return {k: v.reshape(-1) for k, v in torch.load(path.parent / "model.pt")["model"].items()}

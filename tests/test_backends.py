@@ -18,10 +18,8 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import MICRO, metric_history, micro_overrides, run
-from sparsedist.checkpoint.pieces import assemble, is_piece_checkpoint, read_pieces
+from conftest import MICRO, checkpoint_model, metric_history, micro_overrides, run
 
 LAYOUTS = {  # name: (world size, micro-batch, overrides)
     "fsdp2-2": (2, 2, ["parallel.backend=fsdp2"]),
@@ -61,16 +59,6 @@ def test_every_method_agrees_with_one_process(corpus, tmp_path, single, layout):
         # fp32, other reduction orders: 1e-5 relative (measured: at most about 1e-7). The decays of the
         # worker shift the loss by about 5e-4 relative within 10 steps, far outside this tolerance.
         assert report[method]["losses"] == pytest.approx(reference["losses"], rel=1e-5), method
-
-
-def checkpoint_model(path) -> dict[str, torch.Tensor]:
-    """The full model tensors of a checkpoint folder, whichever backend wrote it."""
-    if is_piece_checkpoint(path):
-        saved, _ = read_pieces(path)
-        return {name: assemble(saved, name, sum(t.numel() for _, t in pieces))
-                for name, pieces in saved.items() if "@" not in name}
-    dcp_to_torch_save(path, path.parent / "model.pt")
-    return {k: v.reshape(-1) for k, v in torch.load(path.parent / "model.pt")["model"].items()}
 
 
 FSDP2 = ["parallel.backend=fsdp2"]

@@ -29,6 +29,10 @@ PY = sys.executable
 TRAIN = ["-m", "sparsedist", "train", "r.yaml", "a.b=1"]
 
 
+RANK_VARIABLES = ("OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_DEBUG",
+                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+
+
 def recipe(*overrides: str):
     return load_recipe(MICRO, ["parallel.backend=fsdp2", "parallel.nproc_per_node=2", "train.micro_batch=2",
                                *overrides])
@@ -36,14 +40,15 @@ def recipe(*overrides: str):
 
 def test_one_node_torchrun_is_standalone():
     assert torchrun_command(recipe(), "r.yaml", ["a.b=1"]) == [
-        PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *TRAIN]
+        PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0", *TRAIN]
+    assert "--max-restarts=3" in torchrun_command(recipe(), "r.yaml", [], max_restarts=3)
 
 
 def test_several_nodes_meet_at_a_c10d_rendezvous():
     r = recipe("parallel.nnodes=3")
     assert torchrun_command(r, "r.yaml", ["a.b=1"], Nodes("node-1.cluster:29400", "job42")) == [
         PY, "-m", "torch.distributed.run", "--nnodes=3", "--rdzv-backend=c10d",
-        "--rdzv-endpoint=node-1.cluster:29400", "--rdzv-id=job42", "--nproc-per-node=2", *TRAIN]
+        "--rdzv-endpoint=node-1.cluster:29400", "--rdzv-id=job42", "--nproc-per-node=2", "--max-restarts=0", *TRAIN]
     # without an id every node derives the same one from the recipe
     command = torchrun_command(r, "r.yaml", [], Nodes("node-1:29400"))
     assert f"--rdzv-id=micro-{recipe_hash(r)}" in command
@@ -54,7 +59,7 @@ def test_deepspeed_launcher_on_one_node_and_with_a_hostfile(tmp_path, monkeypatc
     assert deepspeed_command(r, "r.yaml", ["a.b=1"]) == [
         PY, "-m", "deepspeed.launcher.runner", "--num_gpus=2", "--no_local_rank", "--module",
         "sparsedist", "train", "r.yaml", "a.b=1"]
-    for key in ("OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_DEBUG"):
+    for key in RANK_VARIABLES:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     hosts = tmp_path / "hostfile"
@@ -64,15 +69,15 @@ def test_deepspeed_launcher_on_one_node_and_with_a_hostfile(tmp_path, monkeypatc
         PY, "-m", "deepspeed.launcher.runner", f"--hostfile={hosts}", "--num_nodes=3", "--num_gpus=2",
         "--master_addr=node-1", "--master_port=29500", "--no_local_rank", "--no_python",
         "env", "OMP_NUM_THREADS=8", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "NCCL_DEBUG=WARN",
-        PY, "-u", "-m", "sparsedist", "train", "r.yaml", "a.b=1"]
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", PY, "-u", "-m", "sparsedist", "train", "r.yaml", "a.b=1"]
 
 
 def test_rank_environment_splits_the_cpus_and_keeps_what_is_set(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
-    for key in ("OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_DEBUG"):
+    for key in RANK_VARIABLES:
         monkeypatch.delenv(key, raising=False)
     assert rank_variables(4) == {"OMP_NUM_THREADS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-                                 "NCCL_DEBUG": "WARN"}
+                                 "NCCL_DEBUG": "WARN", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     assert rank_variables(2)["OMP_NUM_THREADS"] == "3"
     monkeypatch.setenv("NCCL_DEBUG", "INFO")
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
@@ -100,14 +105,16 @@ def test_refusals_start_nothing(monkeypatch, capsys, overrides, launcher, nodes,
 def test_cli_passes_the_nodes_and_the_layout(monkeypatch):
     seen = {}
 
-    def fake_launch(r, path, overrides, launcher, nodes):
-        seen.update(world=r.parallel.world_size, overrides=overrides, launcher=launcher, nodes=nodes)
+    def fake_launch(r, path, overrides, launcher, nodes, max_restarts):
+        seen.update(world=r.parallel.world_size, overrides=overrides, launcher=launcher, nodes=nodes,
+                    restarts=max_restarts)
         return 0
 
     monkeypatch.setattr(local, "launch", fake_launch)
     assert main(["launch", str(MICRO), "parallel.backend=fsdp2", "--nproc", "2", "--nnodes", "3",
-                 "--rdzv-endpoint", "node-1:29400", "--rdzv-id", "job42", "train.micro_batch=2"]) == 0
-    assert seen == {"world": 6, "launcher": "torchrun", "nodes": Nodes("node-1:29400", "job42"),
+                 "--rdzv-endpoint", "node-1:29400", "--rdzv-id", "job42", "--max-restarts", "2",
+                 "train.micro_batch=2"]) == 0
+    assert seen == {"world": 6, "launcher": "torchrun", "nodes": Nodes("node-1:29400", "job42"), "restarts": 2,
                     "overrides": ["parallel.backend=fsdp2", "train.micro_batch=2", "parallel.nproc_per_node=2",
                                   "parallel.nnodes=3"]}
 
@@ -145,6 +152,25 @@ def test_sigterm_reaches_the_ranks_as_sigusr1_once_they_handle_it(monkeypatch):
     proc = subprocess.Popen([sys.executable, "-c", FAKE_NODE])
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()  # while the ranks cannot take it
     started = time.monotonic()
-    assert wait_forwarding(proc) == 0  # the node (not signalled: it would die) saw both ranks exit 0
+    assert wait_forwarding(proc) == (0, True)  # the node (not signalled: it would die) saw both ranks exit 0
     assert 0.9 < time.monotonic() - started < 10
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == handlers
+
+
+def test_the_deepspeed_launcher_is_started_again_after_a_failure_but_not_after_a_preemption(tmp_path, monkeypatch,
+                                                                                            capsys):
+    r = recipe("parallel.backend=deepspeed")
+    tries = tmp_path / "tries"
+    fails_twice = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text(p.read_text() + 'x') "
+                   "if p.exists() else p.write_text('x'); sys.exit(0 if len(p.read_text()) > 2 else 9)")
+    monkeypatch.setattr(local, "deepspeed_command", lambda *args: [sys.executable, "-c", fails_twice, str(tries)])
+    assert local.launch(r, "r.yaml", [], "deepspeed", max_restarts=1) == 9
+    assert tries.read_text() == "xx"
+    tries.unlink()
+    assert local.launch(r, "r.yaml", [], "deepspeed", max_restarts=2) == 0
+    assert tries.read_text() == "xxx"
+    assert "restart 2 of 2, from the latest complete checkpoint" in capsys.readouterr().err
+
+    runs = []  # a failure after a forwarded preemption signal: the job is going away
+    monkeypatch.setattr(local, "run_forwarding", lambda command, recipe: runs.append(command) or (1, True))
+    assert local.launch(r, "r.yaml", [], "deepspeed", max_restarts=5) == 1 and len(runs) == 1
