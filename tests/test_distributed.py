@@ -88,7 +88,8 @@ def test_killed_run_resumes_and_matches_the_uninterrupted_run(corpus, tmp_path):
 
 def test_mlflow_run_contents(corpus, tmp_path):
     out = tmp_path / "run"
-    train(tmp_path, corpus, out, "train.micro_batch=2", "parallel.mixed_precision=bf16", nproc=2)
+    train(tmp_path, corpus, out, "train.micro_batch=2", "parallel.mixed_precision=bf16", "tracking.peak_tflops=0.001",
+          nproc=2)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
@@ -107,6 +108,9 @@ def test_mlflow_run_contents(corpus, tmp_path):
     assert int(tags["sparse_params"]) == 2 * 3 * 80 * 32 and int(tags["params"]) > int(tags["sparse_params"])
     assert tags["sparsity_pattern"] == "2:4" and len(tags["git_revision"]) >= 7 and tags["recipe_hash"]
     assert int(tags["tokens"]) == 6 * 12 * 32
+    flops_per_token = 6 * int(tags["params"]) + 12 * 2 * 32 * 32  # 6N, plus attention: 12 · layers · d · seq
+    assert int(tags["flops"]) == flops_per_token * 6 * 12 * 32
+    assert data.metrics["mfu"] == pytest.approx(flops_per_token * data.metrics["tokens_per_s"] / (2 * 1e9), rel=1e-6)
     history = metric_history(out, "val_ppl")
     assert sorted(history) == [0, 3]
 

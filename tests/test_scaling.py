@@ -72,6 +72,7 @@ def log_run(client, exp_id: str, name: str, *, method: str, n: int, steps: int, 
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=metrics)
     if status == "FINISHED" and tags is None:
         client.set_tag(run_id, "tokens", str(steps * BATCH * SEQ))
+        client.set_tag(run_id, "flops", str(6 * n * steps * BATCH * SEQ))
     client.set_terminated(run_id, status=status)
     return run_id
 
@@ -221,7 +222,7 @@ def test_an_empty_experiment_exits_with_one_line(store, tmp_path):
      "no finished runs of method 'ste' (there are dense, srste)"),
     (["--experiment", "mixed", "--law", "quadratic"], "unknown law 'quadratic': choose one of tokens, chinchilla, gap"),
     (["--experiment", "missing", "--law", "tokens"], "no experiment 'missing' at "),
-    (["--experiment", "untagged", "--law", "tokens"], "lacks tag model_family, tag tokens"),
+    (["--experiment", "untagged", "--law", "tokens"], "lacks tag model_family, tag tokens, tag flops"),
 ])
 def test_inconsistent_runs_exit_with_one_line(store, tmp_path, capsys, argv, message):
     uri, client, _ = store

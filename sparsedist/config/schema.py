@@ -181,6 +181,9 @@ class TrackingConfig(Section):
     """Tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working directory."""
     experiment: str = "sparsedist"
     run_name: str | None = None
+    peak_tflops: float | None = Field(None, gt=0)
+    """Peak dense bf16 TFLOP/s of one device, for the `mfu` metric; default: known GPUs by name
+    (sparsedist/tracking/mlflow_run.py), none on the CPU (no `mfu` logged)."""
 
 
 class EvalConfig(Section):

@@ -1,8 +1,8 @@
 """The finished training runs of an MLflow experiment as plain records, and the scaling-fit runs written back.
 
 A record holds what the trainer logs (see `sparsedist.train.trainer`): tags `method`, `model_family`, `params` (N),
-`sparse_params` and, once finished, `tokens` (D); the flattened recipe as params; `val_loss` every `eval.interval`
-steps and `final_val_loss` after the method's finalize at the last step. Training FLOPs are not logged: C = 6·N·D.
+`sparse_params` and, once finished, `tokens` (D) and `flops` (C); the flattened recipe as params; `val_loss` every
+`eval.interval` steps and `final_val_loss` after the method's finalize at the last step.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sparsedist.scaling import ScalingError
 
-REQUIRED_TAGS = ("method", "model_family", "params", "tokens")
+REQUIRED_TAGS = ("method", "model_family", "params", "tokens", "flops")
 REQUIRED_PARAMS = ("train.global_batch", "data.seq_len")
 VALIDATION_PARAMS = ("data.source", "data.tokenizer", "data.vocab_size")  # runs fitted together must share them
 KIND_TAG, FIT_KIND = "sparsedist.kind", "scaling-fit"  # marks the runs `sparsedist scaling fit` logs (skipped here)
@@ -31,6 +31,8 @@ class RunRecord:
     params: int
     sparse_params: int
     tokens: int
+    flops: float
+    """Training compute C, as the trainer counts it (`sparsedist.plan.training_flops`)."""
     final_val_loss: float
     curve: tuple[tuple[int, float], ...]
     pretrained: str
@@ -39,11 +41,6 @@ class RunRecord:
     @property
     def dense(self) -> bool:
         return self.method == "dense"
-
-    @property
-    def flops(self) -> float:
-        """Training compute C = 6·N·D (forward and backward over every parameter)."""
-        return 6.0 * self.params * self.tokens
 
     @property
     def final_val_ppl(self) -> float:
@@ -91,7 +88,7 @@ def _record(client, run) -> RunRecord:
     if missing:
         raise ScalingError(f"run {name} lacks {', '.join(missing)}: not a finished sparsedist training run")
     try:
-        n, d = int(tags["params"]), int(tags["tokens"])
+        n, d, c = int(tags["params"]), int(tags["tokens"]), float(tags["flops"])
         per_step = int(params["train.global_batch"]) * int(params["data.seq_len"])
     except ValueError as err:
         raise ScalingError(f"run {name}: {err}") from None
@@ -103,7 +100,8 @@ def _record(client, run) -> RunRecord:
     pretrained = params.get("model.pretrained", "None")
     return RunRecord(
         run_id=run.info.run_id, name=run.info.run_name, method=tags["method"], family=tags["model_family"],
-        params=n, sparse_params=int(tags.get("sparse_params", 0)), tokens=d, final_val_loss=metrics["final_val_loss"],
+        params=n, sparse_params=int(tags.get("sparse_params", 0)), tokens=d, flops=c,
+        final_val_loss=metrics["final_val_loss"],
         curve=(*curve, (d, metrics["final_val_loss"])), pretrained="" if pretrained == "None" else pretrained,
         validation=", ".join(f"{k}={params.get(k)}" for k in VALIDATION_PARAMS))
 

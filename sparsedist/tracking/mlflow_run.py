@@ -37,6 +37,21 @@ def git_revision() -> str:
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+PEAK_BF16_TFLOPS = {  # dense (not 2:4) bf16 tensor-core peaks from the vendor's data sheets; first match wins
+    "H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0,
+}
+
+
+def peak_flops(cfg: TrackingConfig) -> float | None:
+    """Peak FLOP/s of one device for MFU: `tracking.peak_tflops`, else the GPU's by name, else None."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
 def hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}"

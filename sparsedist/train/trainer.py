@@ -26,7 +26,7 @@ from sparsedist.parallel import Runtime, init_runtime, make_backend, shutdown
 from sparsedist.parallel.backend import NonFiniteError
 from sparsedist.plan import training_flops
 from sparsedist.tracking import Tracker
-from sparsedist.tracking.mlflow_run import git_revision, hardware
+from sparsedist.tracking.mlflow_run import git_revision, hardware, peak_flops
 from sparsedist.train.evaluate import evaluate
 from sparsedist.train.losses import training_loss
 from sparsedist.train.optim import lr_factor, set_lr
@@ -77,6 +77,9 @@ class Trainer:
         self.model, self.method, self.optimizer = self.student.model, self.student.method, self.student.optimizer
         self.teacher = build_teacher(recipe, config, self.backend)
         self.tokens_per_step = t.global_batch * d.seq_len
+        self.flops_per_token = training_flops(self.student.num_params, config.num_hidden_layers, config.hidden_size,
+                                              d.seq_len, 1)
+        self.peak_flops = peak_flops(recipe.tracking)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", recipe.checkpoint.keep, self.backend)
         self.tracker = Tracker(recipe.tracking, runtime.is_main, self.output_dir / "tracking-buffer.jsonl")
         self.nonfinite_steps = 0
@@ -150,9 +153,12 @@ class Trainer:
                                       lambda tensors, first: self.method.before_update(step, tensors, first))
         self._count_nonfinite(step, grad_norm)
         self.method.after_step(step)
-        elapsed = time.perf_counter() - started
-        return {**parts_sum, "lr": lr, "grad_norm": grad_norm, "tokens": (step + 1) * self.tokens_per_step,
-                "tokens_per_s": self.tokens_per_step / elapsed}
+        tokens_per_s = self.tokens_per_step / (time.perf_counter() - started)
+        metrics = {**parts_sum, "lr": lr, "grad_norm": grad_norm, "tokens": (step + 1) * self.tokens_per_step,
+                   "tokens_per_s": tokens_per_s}
+        if self.peak_flops:  # model FLOPs utilisation of the whole job
+            metrics["mfu"] = self.flops_per_token * tokens_per_s / (self.runtime.world_size * self.peak_flops)
+        return metrics
 
     def _count_nonfinite(self, step: int, grad_norm: float) -> None:
         """A non-finite gradient norm (from a NaN or Inf loss or gradient on any rank) means the backend
@@ -203,9 +209,8 @@ class Trainer:
         self.method.finalize()
         final = {f"final_{k}": v for k, v in self._evaluate().items()}
         self.tracker.log_metrics(final, step=self.recipe.train.steps)
-        tokens, config = self.recipe.train.steps * self.tokens_per_step, self.student.config
-        self.tracker.set_tags({"tokens": tokens, "flops": training_flops(
-            self.student.num_params, config.num_hidden_layers, config.hidden_size, self.recipe.data.seq_len, tokens)})
+        tokens = self.recipe.train.steps * self.tokens_per_step
+        self.tracker.set_tags({"tokens": tokens, "flops": self.flops_per_token * tokens})
         if self.recipe.checkpoint.export:
             self._export(self.output_dir / "model")
         self.tracker.finish()
