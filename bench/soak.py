@@ -1,6 +1,6 @@
 """Soak: a 2-rank sparse run for a fixed wall time, watched for memory growth and checkpoint health.
 
-    python bench/soak.py [--minutes 30] [--checkpoint-interval 400] [--sample-seconds 10] [--out docs/results.md]
+    python bench/soak.py [--minutes 30] [--checkpoint-interval 300] [--sample-seconds 10] [--out docs/results.md]
 
 `sparsedist launch` runs recipes/tiny/sparse-pretrain.yaml (transposable 2:4 masks,
 masked decay, flip-rate monitoring; FSDP2 over gloo) with an unreachable step budget and a
@@ -94,28 +94,42 @@ def soak(minutes: float, interval: int, sample_s: float, workdir: Path) -> dict:
             "wall": time.monotonic() - started, "log": log}
 
 
+def window(samples: list, first: bool) -> list:
+    """The samples of minutes 5–10 (first) or of the last 5 minutes; thirds of a run under 15 minutes."""
+    span = samples[-1][0]
+    lo, hi = ((5 * 60, 10 * 60) if first else (span - 5 * 60, span)) if span >= 15 * 60 else \
+        ((span / 3, 2 * span / 3) if first else (2 * span / 3, span))
+    return [s for s in samples if lo <= s[0] <= hi]
+
+
+def summary(part: list) -> tuple[float, float, list[float]]:
+    """Minutes it spans (from, to), steps per second in it, mean resident MiB per rank."""
+    (t0, step0, _), (t1, step1, _) = part[0], part[-1]
+    rss = [sum(s[2][rank] for s in part) / len(part) / MIB for rank in range(2)]
+    return (t0 / 60, t1 / 60), (step1 - step0) / max(t1 - t0, 1e-9), rss
+
+
 def report(result: dict, minutes: float, interval: int, command: str) -> str:
     samples = [s for s in result["samples"] if len(s[2]) == 2]
+    (early_span, early_rate, early_rss), (late_span, late_rate, late_rss) = (summary(window(samples, first))
+                                                                           for first in (True, False))
     every = max(1, len(samples) // 12)
-    rows = [samples[i] for i in range(0, len(samples), every)] + ([samples[-1]] if (len(samples) - 1) % every else [])
+    rows = samples[::every] + ([samples[-1]] if (len(samples) - 1) % every else [])
     table = ["| minute | step | rank 0 RSS (MiB) | rank 1 RSS (MiB) |", "|---:|---:|---:|---:|"]
     table += [f"| {t / 60:.1f} | {step} | {rss[0] / MIB:.0f} | {rss[1] / MIB:.0f} |" for t, step, rss in rows]
     ckpts = ["| minute | step | size (MiB) |", "|---:|---:|---:|"]
     ckpts += [f"| {t / 60:.1f} | {step} | {size / MIB:.2f} |" for t, step, size in result["checkpoints"]]
-    settled = [s for s in samples if s[0] >= 5 * 60] or samples
-    first, last = settled[0], samples[-1]
-    growth = [(b - a) / MIB for a, b in zip(first[2], last[2], strict=True)]
-    rate_early = first[1] / first[0]
-    rate_late = (last[1] - settled[len(settled) // 2][1]) / max(1e-9, last[0] - settled[len(settled) // 2][0])
-    return f"""Command: `{command}` (device: {device_name()}). Recipe `recipes/tiny/sparse-pretrain.yaml` on
-2 FSDP2 ranks, checkpoint every {interval} steps (last 3 kept), stopped with SIGTERM after {minutes:g} minutes.
+    peak = [max(s[2][rank] for s in samples) / MIB for rank in range(2)]
+    growth = ", ".join(f"rank {r} {early_rss[r]:.0f} → {late_rss[r]:.0f} MiB ({late_rss[r] / early_rss[r]:.3f}×, "
+                       f"peak {peak[r]:.0f})" for r in range(2))
+    return f"""Command: `{command}` · device: {device_name()} · recipe `recipes/tiny/sparse-pretrain.yaml`
+(transposable 2:4 masks, masked decay, flip rate) on 2 FSDP2 ranks, a checkpoint every {interval} steps
+(the last 3 kept), resident memory sampled every few seconds, SIGTERM after {minutes:g} minutes.
 
-- Steps: {last[1]} in {last[0] / 60:.1f} minutes; {rate_early:.2f} steps/s over the first {first[0] / 60:.1f}
-  minutes, {rate_late:.2f} steps/s over the second half of the run.
-- Resident memory from minute {first[0] / 60:.1f} to the end: rank 0 {growth[0]:+.0f} MiB
-  ({first[2][0] / MIB:.0f} → {last[2][0] / MIB:.0f}), rank 1 {growth[1]:+.0f} MiB
-  ({first[2][1] / MIB:.0f} → {last[2][1] / MIB:.0f}).
-- Checkpoints: {len(result['checkpoints'])} written while running; after SIGTERM the launcher exited
+- {samples[-1][1]} steps in {samples[-1][0] / 60:.1f} minutes: {early_rate:.2f} steps/s in minutes
+  {early_span[0]:.1f}–{early_span[1]:.1f}, {late_rate:.2f} steps/s in minutes {late_span[0]:.1f}–{late_span[1]:.1f}.
+- Mean resident memory, the same two windows: {growth}.
+- {len(result['checkpoints'])} checkpoints written while running; after SIGTERM the launcher exited
   {result['status']} and the last checkpoint, `{result['latest']}`, passed its manifest check.
 
 {chr(10).join(table)}
@@ -129,7 +143,7 @@ Checkpoints as they appeared:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
-    parser.add_argument("--checkpoint-interval", type=int, default=400, help="steps between checkpoints")
+    parser.add_argument("--checkpoint-interval", type=int, default=300, help="steps between checkpoints")
     parser.add_argument("--sample-seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--workdir", type=Path, help="keep the run here (default: a temporary folder, removed)")
