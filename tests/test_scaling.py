@@ -60,6 +60,7 @@ def log_run(client, exp_id: str, name: str, *, method: str, n: int, steps: int, 
     run_id = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in (tags or start_tags).items()}
                                ).info.run_id
     params = {"train.global_batch": BATCH, "data.seq_len": SEQ, "train.steps": steps, "eval.interval": every,
+              "model.config.hidden_size": n // 10_000,
               "model.family": family, "model.pretrained": pretrained, "sparsity.method": method,
               "data.source": "embedded", "data.tokenizer": None, "data.vocab_size": 8192}
     now = int(time.time() * 1000)
@@ -217,7 +218,7 @@ def test_an_empty_experiment_exits_with_one_line(store, tmp_path):
     (["--experiment", "mixed", "--law", "chinchilla"],
      "inconsistent runs: they mix methods dense, srste; choose one with --method"),
     (["--experiment", "mixed", "--law", "gap"],
-     "inconsistent runs: no dense run of llama N=2,000,000 to compare srste-2m with"),
+     "inconsistent runs: no dense run of llama (hidden_size=200) to compare srste-2m with"),
     (["--experiment", "mixed", "--law", "tokens", "--method", "ste"],
      "no finished runs of method 'ste' (there are dense, srste)"),
     (["--experiment", "mixed", "--law", "quadratic"], "unknown law 'quadratic': choose one of tokens, chinchilla, gap"),

@@ -16,6 +16,7 @@ from sparsedist.scaling import ScalingError
 REQUIRED_TAGS = ("method", "model_family", "params", "tokens", "flops")
 REQUIRED_PARAMS = ("train.global_batch", "data.seq_len")
 VALIDATION_PARAMS = ("data.source", "data.tokenizer", "data.vocab_size")  # runs fitted together must share them
+SIZES = "model.config."  # the flattened recipe's model sizes: they identify a sparse run's dense baseline
 KIND_TAG, FIT_KIND = "sparsedist.kind", "scaling-fit"  # marks the runs `sparsedist scaling fit` logs (skipped here)
 
 
@@ -36,6 +37,10 @@ class RunRecord:
     final_val_loss: float
     curve: tuple[tuple[int, float], ...]
     pretrained: str
+    architecture: str
+    """The recipe's `model.config` sizes, e.g. `hidden_size=128, num_hidden_layers=4, …` ("" for a pretrained model's
+    own config): a sparse run's dense baseline has the same, while N may differ by the method's own parameters
+    (CAST's scales, SLoRB)."""
     validation: str  # the validation data, as VALIDATION_PARAMS
 
     @property
@@ -48,8 +53,9 @@ class RunRecord:
 
     @property
     def dense_model(self) -> str:
-        """The model a dense baseline must be: same family, N and starting checkpoint."""
-        return f"{self.family} N={self.params:,}" + (f" from {self.pretrained}" if self.pretrained else "")
+        """The model a dense baseline must be: same family, sizes and starting checkpoint."""
+        sizes = f" ({self.architecture})" if self.architecture else ""
+        return f"{self.family}{sizes}" + (f" from {self.pretrained}" if self.pretrained else "")
 
     @property
     def model(self) -> str:
@@ -98,16 +104,19 @@ def _record(client, run) -> RunRecord:
             latest[m.step] = (m.timestamp, m.value)
     curve = [(step * per_step, loss) for step, (_, loss) in sorted(latest.items())]
     pretrained = params.get("model.pretrained", "None")
+    sizes = ", ".join(f"{k.removeprefix(SIZES)}={v}" for k, v in sorted(params.items()) if k.startswith(SIZES))
     return RunRecord(
         run_id=run.info.run_id, name=run.info.run_name, method=tags["method"], family=tags["model_family"],
         params=n, sparse_params=int(tags.get("sparse_params", 0)), tokens=d, flops=c,
         final_val_loss=metrics["final_val_loss"],
         curve=(*curve, (d, metrics["final_val_loss"])), pretrained="" if pretrained == "None" else pretrained,
+        architecture=sizes,
         validation=", ".join(f"{k}={params.get(k)}" for k in VALIDATION_PARAMS))
 
 
 def dense_match(run: RunRecord, records: list[RunRecord]) -> RunRecord | None:
-    """The dense run of `run`'s family, N and starting checkpoint with the closest token budget (the latest on ties)."""
+    """The dense run of `run`'s family, sizes and starting checkpoint with the closest token budget (the latest on
+    ties)."""
     same = [r for r in records if r.dense and r.dense_model == run.dense_model and r.run_id != run.run_id]
     return min(reversed(same), key=lambda r: abs(math.log(r.tokens / run.tokens)), default=None)
 
