@@ -53,6 +53,8 @@ class Job:
     signal_seconds: int = 300
     sbatch: list[str] = field(default_factory=list)
     """More `#SBATCH` options, e.g. `--account=abc`."""
+    max_restarts: int = 0
+    """How often each node's torchrun starts its ranks again after one dies (`launch --max-restarts`)."""
 
 
 def sweep_points(sweep: list[str]) -> list[list[str]]:
@@ -126,7 +128,7 @@ def render(job: Job, cwd: Path | None = None) -> str:
     else:
         task_lines = f"task=({_words(tasks[0])})"
     launch = [sys.executable, "-m", "sparsedist", "launch", path, "--nproc", nproc,
-              "--nnodes", job.nodes, *job.overrides]
+              "--nnodes", job.nodes, "--max-restarts", job.max_restarts, *job.overrides]
     out.mkdir(parents=True, exist_ok=True)
     return Template(TEMPLATE.read_text()).substitute(
         recipe_name=name, sbatch_lines="\n".join(f"#SBATCH {line}" for line in sbatch),

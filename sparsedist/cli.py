@@ -98,7 +98,8 @@ def cmd_slurm_render(args: argparse.Namespace) -> int:
     from sparsedist_launch.slurm import Job, SlurmError, render
 
     job = Job(Path(args.recipe), args.overrides, args.nodes, args.gpus_per_node, args.procs_per_node,
-              args.cpus_per_node, args.partition, args.time, args.array, args.sweep, args.signal_seconds, args.sbatch)
+              args.cpus_per_node, args.partition, args.time, args.array, args.sweep, args.signal_seconds, args.sbatch,
+              args.max_restarts)
     try:
         script = render(job)
     except SlurmError as err:
@@ -304,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--array", metavar="SPEC", help="with --sweep: the tasks to run, e.g. 0-9%%2 (default: all)")
     p.add_argument("--sbatch", action="append", default=[], metavar="--OPTION=VALUE",
                    help="another #SBATCH option, e.g. --sbatch=--account=abc (repeatable)")
+    p.add_argument("--max-restarts", type=_non_negative, default=0, metavar="N",
+                   help="when a rank dies, restart the ranks from the latest complete checkpoint, up to N times "
+                   "(default: %(default)s)")
     p.add_argument("--out", type=Path, help="write the script here (default: standard output)")
     p.set_defaults(func=cmd_slurm_render)
 

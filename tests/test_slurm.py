@@ -78,7 +78,7 @@ def test_every_value_reaches_the_launcher_verbatim(tmp_path):
     assert proc.wait(timeout=30) == 0, proc.stderr.read()
     assert srun_argv(tmp_path) == [
         "--ntasks-per-node=1", "--kill-on-bad-exit=1", PY, "-m", "sparsedist", "launch", str(MICRO),
-        "--nproc", "2", "--nnodes", "1", "parallel.backend=fsdp2", "train.micro_batch=2",
+        "--nproc", "2", "--nnodes", "1", "--max-restarts", "0", "parallel.backend=fsdp2", "train.micro_batch=2",
         f"train.output_dir={out}", hostile, f"train.output_dir={out}",
         "--rdzv-endpoint", "node-7:24242", "--rdzv-id", "4242"]  # port 20000 + job id % 20000
     assert not (tmp_path / "pwned").exists()
@@ -123,14 +123,14 @@ def test_a_sweep_is_a_job_array_of_its_grid(tmp_path):
 
 def test_a_gpu_job_runs_one_rank_per_gpu(tmp_path):
     script = render(tmp_path, "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "1-00:00:00",
-                    "--cpus-per-node", "64", "--signal-seconds", "600", "--sbatch=--account=abc",
+                    "--cpus-per-node", "64", "--signal-seconds", "600", "--sbatch=--account=abc", "--max-restarts", "3",
                     "parallel.backend=fsdp2", "train.global_batch=64", "train.micro_batch=2", "eval.sequences=32",
                     f"train.output_dir={tmp_path / 'out'}")
     text = script.read_text()
     for line in ["--nodes=4", "--gpus-per-node=8", "--cpus-per-task=64", "--time=1-00:00:00", "--partition=gpu",
                  "--signal=B:USR1@600", "--account=abc"]:
         assert f"#SBATCH {line}\n" in text
-    assert f" launch {MICRO} --nproc 8 --nnodes 4 " in text
+    assert f" launch {MICRO} --nproc 8 --nnodes 4 --max-restarts 3 " in text
 
 
 @pytest.mark.parametrize("args, message", [
