@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import MICRO
@@ -137,6 +137,8 @@ keys = st.one_of(st.sampled_from(["steps", "global_batch", "method", "n", "m", "
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.sampled_from(SECTIONS), st.dictionaries(keys, values, max_size=3), max_size=4))
+@example({"model": {"\n": None}}).via("a key holding a newline, once found by this test")
+@example({"sparsity": {"": 1}}).via("an empty key")
 def test_the_recipe_loader_refuses_any_damage_with_one_line(tmp_path, damage):
     """Random sections merged over the micro recipe either load or raise RecipeError in one line."""
     base = yaml.safe_load(Path(MICRO).read_text())

@@ -99,12 +99,12 @@ def _check_schema_path(parts: list[str]) -> None:
         if not sections:  # inside a free-form mapping such as model.config
             return
         fields = [s.model_fields[part] for s in sections if part in s.model_fields]
-        here = ".".join(parts[: depth + 1])
+        here = dotted(parts[: depth + 1])
         if not fields:
-            raise RecipeError(f"override {'.'.join(parts)}: unknown key {here}")
+            raise RecipeError(f"override {dotted(parts)}: unknown key {here}")
         sections = [t for f in fields for t in section_types(f.annotation)]
         if not sections and depth < len(parts) - 1 and not any(_is_mapping(f.annotation) for f in fields):
-            raise RecipeError(f"override {'.'.join(parts)}: {here} has no sub-keys")
+            raise RecipeError(f"override {dotted(parts)}: {here} has no sub-keys")
 
 
 def section_types(annotation: Any) -> list[type[BaseModel]]:
@@ -126,13 +126,19 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
         raise RecipeError("; ".join(_describe(e) for e in err.errors())) from None
 
 
+def dotted(parts: list[Any]) -> str:
+    """A key path for a one-line message: plain names as they are, any other part quoted (a key read from YAML may
+    hold a newline or be empty)."""
+    return ".".join(str(p) if str(p).isidentifier() or str(p).isdigit() else repr(str(p)) for p in parts)
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = list(error["loc"])
     if len(loc) > 1 and loc[0] == "sparsity" and loc[1] in METHOD_CONFIGS:
         loc.pop(1)  # the union's tag: the method is named in the message instead
         if error["type"] == "extra_forbidden":
-            return f"sparsity.{loc[-1]}: not a key of method {error['loc'][1]!r}"
-    key = ".".join(str(p) for p in loc)
+            return f"{dotted(['sparsity', loc[-1]])}: not a key of method {error['loc'][1]!r}"
+    key = dotted(loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
