@@ -35,6 +35,12 @@ _positive = _at_least(1, "positive integer")
 _non_negative = _at_least(0, "non-negative integer")
 
 
+def _max_restarts_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-restarts", type=_non_negative, default=0, metavar="N",
+                        help="when a rank dies, stop the others and start the group again from the latest complete "
+                        "checkpoint, up to N times (default: %(default)s)")
+
+
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
@@ -282,9 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-id", help="torchrun: the rendezvous id, the same on every node (default: recipe "
                    "name and hash)")
     p.add_argument("--hostfile", type=Path, help="deepspeed: an MPI-style hostfile naming every node")
-    p.add_argument("--max-restarts", type=_non_negative, default=0, metavar="N",
-                   help="when a rank dies, stop the others and start the group again from the latest complete "
-                   "checkpoint, up to N times (default: %(default)s)")
+    _max_restarts_arg(p)
     p.set_defaults(func=cmd_launch)
 
     slurm = sub.add_parser("slurm", help="Slurm jobs (docs/cluster.md)")
@@ -305,9 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--array", metavar="SPEC", help="with --sweep: the tasks to run, e.g. 0-9%%2 (default: all)")
     p.add_argument("--sbatch", action="append", default=[], metavar="--OPTION=VALUE",
                    help="another #SBATCH option, e.g. --sbatch=--account=abc (repeatable)")
-    p.add_argument("--max-restarts", type=_non_negative, default=0, metavar="N",
-                   help="when a rank dies, restart the ranks from the latest complete checkpoint, up to N times "
-                   "(default: %(default)s)")
+    _max_restarts_arg(p)
     p.add_argument("--out", type=Path, help="write the script here (default: standard output)")
     p.set_defaults(func=cmd_slurm_render)
 
