@@ -63,6 +63,8 @@ class AST(MomentAdamMethod):
         return {id(p) for layer in self.layers.values() if layer.branch is not None
                 for p in layer.branch.parameters()}
 
-    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """u = m + λ(t)(1−M)⊙W."""
-        return momentum + self.decay_at(self.step) * (weight * (1 - kept))
+    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor, out: torch.Tensor
+                        ) -> torch.Tensor:
+        """u = m + λ(t)(1−M)⊙W, in place ((1−M)⊙W as W − W⊙M: exactly 0 where M = 1)."""
+        pruned = torch.addcmul(weight, weight, kept, value=-1, out=out)
+        return torch.add(momentum, pruned, alpha=self.decay_at(self.step), out=out)

@@ -183,8 +183,8 @@ class SparsityMethod:
 
     def update_mask(self, tensor: torch.Tensor, part: slice, dtype: torch.dtype = torch.bool) -> torch.Tensor | None:
         """The mask (bool, or 0/1 in `dtype`) of elements `part` of an optimizer tensor's local flat values,
-        for this step's update (None: no sparse weight there). Unpacked per call, so it costs no more than
-        `part`; elements of no sparse weight count as kept."""
+        for this step's update (None: no sparse weight there). Unpacked per call into a fresh tensor the
+        caller may overwrite, so it costs no more than `part`; elements of no sparse weight count as kept."""
         try:
             members = self._update_masks[id(tensor)]
         except KeyError:
@@ -195,6 +195,8 @@ class SparsityMethod:
         mask = None
         for offset, layer, piece in members:
             first, last = max(lo, offset), min(hi, offset + piece.weight.numel())
+            if (first, last) == (lo, hi):  # one piece covers the whole part
+                return self.backend.mask_range(layer, piece, first - offset, last - offset, dtype)
             if first < last:
                 if mask is None:
                     mask = torch.ones(hi - lo, dtype=dtype, device=piece.weight.device)

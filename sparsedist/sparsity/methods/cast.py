@@ -63,11 +63,13 @@ class CAST(MomentAdamMethod):
     def no_decay_parameters(self) -> set[int]:
         return {id(layer.scale) for layer in self.layers.values()}
 
-    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """μ̃ = μ on kept slots, (1−α_t)μ + α_t·λ·sign(W) on pruned ones (M·a + (1−M)·b selects exactly)."""
-        alpha = self.alpha_at(self.step)
-        pruned = (1 - alpha) * momentum + alpha * self.cfg.decay * weight.sign()
-        return kept * momentum + (1 - kept) * pruned
+    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor, out: torch.Tensor
+                        ) -> torch.Tensor:
+        """μ̃ = μ on kept slots, (1−α_t)μ + α_t·λ·sign(W) on pruned ones, as μ + α_t·(1−M)⊙(λ·sign(W) − μ):
+        in place, and exactly μ where M = 1 (d − d·1 = 0)."""
+        toward = torch.sign(weight, out=out).mul_(self.cfg.decay).sub_(momentum)
+        toward.addcmul_(toward, kept, value=-1)
+        return torch.add(momentum, toward, alpha=self.alpha_at(self.step), out=out)
 
     @torch.no_grad()
     def finalize(self) -> None:

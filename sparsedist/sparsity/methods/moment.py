@@ -25,13 +25,15 @@ class MomentAdamMethod(SparsityMethod):
     def make_optimizer(self, groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
         return MomentAdam(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, self.backend.local, self._moment)
 
-    def _moment(self, tensor: torch.Tensor, part: slice, weight: torch.Tensor, momentum: torch.Tensor
-                ) -> torch.Tensor:
+    def _moment(self, tensor: torch.Tensor, part: slice, weight: torch.Tensor, momentum: torch.Tensor,
+                out: torch.Tensor) -> torch.Tensor:
         kept = self.update_mask(tensor, part, weight.dtype)
         if kept is None:
             return momentum  # no sparse weight in this part of the tensor: u = m
-        return self.smoothed_moment(weight, momentum, kept)
+        return self.smoothed_moment(weight, momentum, kept, out)
 
-    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """u from this rank's values of W, m and the aligned mask M (0/1 in W's dtype), at step `self.step`."""
+    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor, out: torch.Tensor
+                        ) -> torch.Tensor:
+        """u, written to `out`, from this rank's values of W, m and the aligned mask M (0/1 in W's dtype,
+        which this may overwrite), at step `self.step`; u = m exactly where M = 1."""
         raise NotImplementedError

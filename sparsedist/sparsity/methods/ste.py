@@ -47,5 +47,5 @@ def add_masked_decay(method: SparsityMethod, tensor: torch.Tensor, decay: float)
     for start in range(0, weight.numel(), CHUNK):
         part = slice(start, start + CHUNK)
         kept = method.update_mask(tensor, part, weight.dtype)
-        if kept is not None:
-            grad[part].addcmul_(weight[part], 1 - kept, value=decay)
+        if kept is not None:  # (1−M)⊙W as W − W⊙M, in the mask's memory: exactly 0 where M = 1
+            grad[part].add_(torch.addcmul(weight[part], weight[part], kept, value=-1, out=kept), alpha=decay)
