@@ -16,8 +16,9 @@ process, MLflow store under the work dir):
    and with the same self-distillation as AST and CAST (their ceiling);
 4. from scratch at the pretraining budget: `sparse_pretrain` and `sste` (dense = step 1).
 
-Prints a table of mean ± standard deviation over seeds and the ratio to each cell's dense
-baseline, and writes it with this command line to `--out`. A finished cell is cached
+Prints a table of mean ± standard deviation over seeds of the perplexity and of its ratio to
+the same seed's dense baseline (a paired comparison, free of the variation between the seeds'
+starting models), and writes it with this command line to `--out`. A finished cell is cached
 (`result.json`), and every cell checkpoints every 250 steps and resumes from there, so an
 interrupted invocation continues where it stopped when run again.
 """
@@ -125,6 +126,12 @@ def read_ppl(workdir: Path, out: Path, initial: bool) -> float:
     return client.get_run(run_id).data.metrics["final_val_ppl"]
 
 
+def mean_sd(values: list[float], spec: str) -> str:
+    """`mean ± sd` over seeds (sd "–" for one seed)."""
+    spread = format(statistics.stdev(values), spec) if len(values) > 1 else "–"
+    return f"{format(statistics.mean(values), spec)} ± {spread}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regime", choices=sorted(REGIMES), default="a")
@@ -148,14 +155,13 @@ def main() -> None:
             results[cell.label].append(ppl)
             if cell.stage == "pretrain":
                 start = args.workdir.resolve() / f"seed{seed}" / cell.slug / "model"
-    lines = ["| model | validation ppl (mean ± sd) | vs its dense baseline | baseline | seeds |",
+    lines = ["| model | validation ppl (mean ± sd) | vs its dense baseline, per seed (mean ± sd) | baseline | seeds |",
              "|---|---|---|---|---|"]
     for cell in table:
         values = results[cell.label]
-        mean = statistics.mean(values)
-        spread = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "–"
-        ratio = mean / statistics.mean(results[cell.baseline])
-        lines.append(f"| {cell.label} | {mean:.2f} ± {spread} | {ratio:.3f}× | {cell.baseline} | {len(values)} |")
+        ratios = [value / base for value, base in zip(values, results[cell.baseline], strict=True)]
+        lines.append(f"| {cell.label} | {mean_sd(values, '.2f')} | {mean_sd(ratios, '.3f')}× | {cell.baseline} | "
+                     f"{len(values)} |")
     text = "\n".join(lines)
     print(text)
     command = " ".join(["python bench/quality.py", *sys.argv[1:]])
