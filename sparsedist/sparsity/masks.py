@@ -34,6 +34,11 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     return (torch.stack(rank, -1) < n).reshape(weight.shape)
 
 
+def pruned_values(weight: torch.Tensor, kept: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(1−M)⊙W into `out` (which may be `kept`), as W − W⊙M with M 0/1 in W's dtype: exactly 0 where M = 1."""
+    return torch.addcmul(weight, weight, kept, value=-1, out=out)
+
+
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     """Groups of `m` consecutive inputs of an [out, in] weight (in % m == 0) holding more than `n` non-zeros."""
     return int(((weight != 0).reshape(weight.shape[0], -1, m).sum(-1) > n).sum())

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparsedist.sparsity.layer import SparseLinear
+from sparsedist.sparsity.masks import pruned_values
 from sparsedist.sparsity.methods.moment import MomentAdamMethod
 from sparsedist.sparsity.methods.ste import masked_ste_weight
 
@@ -65,6 +66,5 @@ class AST(MomentAdamMethod):
 
     def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor, out: torch.Tensor
                         ) -> torch.Tensor:
-        """u = m + λ(t)(1−M)⊙W, in place ((1−M)⊙W as W − W⊙M: exactly 0 where M = 1)."""
-        pruned = torch.addcmul(weight, weight, kept, value=-1, out=out)
-        return torch.add(momentum, pruned, alpha=self.decay_at(self.step), out=out)
+        """u = m + λ(t)(1−M)⊙W, in place."""
+        return torch.add(momentum, pruned_values(weight, kept, out), alpha=self.decay_at(self.step), out=out)

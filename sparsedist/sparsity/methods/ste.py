@@ -6,6 +6,7 @@ import torch
 
 from sparsedist.sparsity.adam import CHUNK
 from sparsedist.sparsity.layer import SparseLinear, straight_through
+from sparsedist.sparsity.masks import pruned_values
 from sparsedist.sparsity.methods.base import SparsityMethod
 
 
@@ -47,5 +48,5 @@ def add_masked_decay(method: SparsityMethod, tensor: torch.Tensor, decay: float)
     for start in range(0, weight.numel(), CHUNK):
         part = slice(start, start + CHUNK)
         kept = method.update_mask(tensor, part, weight.dtype)
-        if kept is not None:  # (1−M)⊙W as W − W⊙M, in the mask's memory: exactly 0 where M = 1
-            grad[part].add_(torch.addcmul(weight[part], weight[part], kept, value=-1, out=kept), alpha=decay)
+        if kept is not None:
+            grad[part].add_(pruned_values(weight[part], kept, out=kept), alpha=decay)
