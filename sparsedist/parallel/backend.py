@@ -154,12 +154,13 @@ class ParallelBackend:
         return mask
 
     @torch.no_grad()
-    def set_mask_piece(self, layer: SparseLinear, piece: Piece, mask: torch.Tensor) -> None:
-        """Store the flat bool mask of `piece` (where `local_masks`; no collective)."""
+    def set_mask_piece(self, layer: SparseLinear, piece: Piece, mask: torch.Tensor) -> torch.Tensor:
+        """Store the flat bool mask of `piece` (where `local_masks`; no collective); returns how many of
+        its bits changed (a 0-d tensor, counted on the packed bits: no synchronisation)."""
         bits, origin = self.mask_bits(layer)
         if not self.local_masks or origin != piece.start:
             raise RuntimeError("this backend does not store masks by piece: set the full mask")
-        bits.copy_(layer.pack_bits(mask, bits.shape[0]))
+        return layer.repack_bits(bits, mask)
 
     def full_mask(self, layer: SparseLinear) -> torch.Tensor:
         """The [out, in] bool mask on every rank (a collective on sharded backends)."""

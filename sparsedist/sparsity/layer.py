@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsedist.sparsity.masks import pack_rows, packed_width, unpack_rows
+from sparsedist.sparsity.masks import count_ones, pack_rows, packed_width, unpack_rows
 from sparsedist.sparsity.product import Product
 
 
@@ -72,6 +72,13 @@ class SparseLinear(nn.Linear):
     def pack_bits(self, mask: torch.Tensor, rows: int) -> torch.Tensor:
         """`rows` packed mask rows holding a flat bool mask (zero-padded)."""
         return pack_rows(mask, rows, self.mask_row)
+
+    def repack_bits(self, bits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Overwrite packed mask rows `bits` with a flat bool mask; returns how many bits changed (0-d tensor)."""
+        new = self.pack_bits(mask, bits.shape[0])
+        flips = count_ones(bits ^ new)
+        bits.copy_(new)
+        return flips
 
     def dense_mask(self, bits: torch.Tensor | None = None, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """The [out, in] mask (bool, or 0/1 in `dtype`) from the whole packed mask (default: the gathered `mask`)."""

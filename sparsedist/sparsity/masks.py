@@ -11,7 +11,6 @@ import hashlib
 
 import torch
 
-_BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
 _BYTE_VALUES = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).float()  # [byte, bit j] as 0/1
 
@@ -24,14 +23,17 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """
     if weight.dim() != 2 or weight.shape[1] % m:
         raise ValueError(f"nm_mask: weight of shape {tuple(weight.shape)} has no whole groups of {m} along dim 1")
-    rows, cols = weight.shape
-    magnitude = weight.detach().abs().reshape(rows, cols // m, m).unbind(-1)
-    rank = [torch.zeros(rows, cols // m, dtype=torch.uint8, device=weight.device) for _ in range(m)]
+    magnitude = weight.detach().abs().reshape(-1, m).unbind(-1)
+    groups = magnitude[0].numel()
+    rank = [torch.zeros(groups, dtype=torch.uint8, device=weight.device) for _ in range(m)]
     for i in range(m):  # rank = how many of the group outrank the element: each pair compared once
         for j in range(i + 1, m):
             rank[j] += magnitude[i] >= magnitude[j]  # a tie goes to i, the lower index
             rank[i] += magnitude[j] > magnitude[i]
-    return (torch.stack(rank, -1) < n).reshape(weight.shape)
+    kept = torch.empty(groups, m, dtype=torch.bool, device=weight.device)
+    for i in range(m):
+        torch.lt(rank[i], n, out=kept[:, i])
+    return kept.view(weight.shape)
 
 
 def pruned_values(weight: torch.Tensor, kept: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -47,8 +49,11 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Pack a [rows, cols] bool mask to [rows, ceil(cols/8)] uint8, element 8k+j in bit j of byte k."""
     rows, cols = mask.shape
-    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -cols % 8)).reshape(rows, packed_width(cols), 8)
-    return (padded * _BIT_WEIGHTS.to(mask.device)).sum(-1, dtype=torch.uint8)
+    padded = torch.nn.functional.pad(mask.bool().view(torch.uint8), (0, -cols % 8)).reshape(rows, packed_width(cols), 8)
+    bits = padded[..., 0].clone()
+    for j in range(1, 8):
+        bits |= padded[..., j] << j
+    return bits
 
 
 def unpack_mask(bits: torch.Tensor, cols: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
@@ -80,14 +85,14 @@ def packed_width(cols: int) -> int:
     return (cols + 7) // 8
 
 
-def count_ones(bits: torch.Tensor) -> int:
-    """Number of set bits in a packed mask."""
-    return int(_POPCOUNT.to(bits.device)[bits.long()].sum())
+def count_ones(bits: torch.Tensor) -> torch.Tensor:
+    """Number of set bits in a packed mask (a 0-d tensor on its device: no synchronisation)."""
+    return _POPCOUNT.to(bits.device)[bits.long()].sum()
 
 
 def count_flips(old_bits: torch.Tensor, new_bits: torch.Tensor) -> int:
     """Number of elements whose mask bit differs between two packed masks."""
-    return count_ones(old_bits ^ new_bits)
+    return int(count_ones(old_bits ^ new_bits))
 
 
 def mask_digest(bits: torch.Tensor) -> str:

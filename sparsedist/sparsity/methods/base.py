@@ -217,9 +217,8 @@ class SparsityMethod:
             for layer, (piece, groups) in zip(layers, grouped, strict=True):
                 lead = piece.start % m
                 new = self.decide(groups.view(-1, m)).view(-1)[lead: lead + piece.weight.numel()]
-                flips += (self.backend.mask_range(layer, piece) != new).sum()  # one device sync, below
+                flips += self.backend.set_mask_piece(layer, piece, new)  # one device sync, below
                 elements += new.numel()
-                self.backend.set_mask_piece(layer, piece, new)
         else:
             for layer in layers:
                 old = self.backend.full_mask(layer)
