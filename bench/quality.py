@@ -41,6 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_section  # noqa: E402
 
+from sparsedist.config.load import load_recipe  # noqa: E402
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 ONESHOT = ("magnitude", "wanda", "sparsegpt", "alps")
 DENSE_PRETRAINED, CEILING = "dense, pretrained", "dense, continued (ceiling)"
@@ -77,28 +79,36 @@ class Regime:
     """Whether the from-scratch cells run in this regime."""
     shared_start: bool
     """One pretrained model (the first seed's) retrained with every seed, rather than one per seed."""
+    retrain_lr_scale: float = 1.0
+    """Multiplies each retraining recipe's lr (so AST and CAST keep their 0.4× of AdamW's)."""
 
 
 REGIMES = {"a": Regime(1250, 0.25, scratch_cells=True, shared_start=False),
-           "b": Regime(5000, 0.03, scratch_cells=False, shared_start=True)}
+           "b": Regime(5000, 0.03, scratch_cells=False, shared_start=True, retrain_lr_scale=2 / 15)}
+"""Regime b retrains a converged model at the CAST paper's rule, the pretraining peak lr / 15 (2e-3 / 15
+for the plain recipes' 1e-3): at regime a's lr its dense continuation ends worse than its start."""
 CHECKPOINT_INTERVAL = 250
 
 
-def cells(retrain_steps: int, pretrain_steps: int, scratch_cells: bool) -> list[Cell]:
-    retrain = (f"train.steps={retrain_steps}", f"schedule.warmup_steps={max(1, retrain_steps // 20)}")
+def cells(retrain_steps: int, pretrain_steps: int, scratch_cells: bool, lr_scale: float = 1.0) -> list[Cell]:
+    def retrain(recipe: str) -> tuple[str, ...]:
+        lr = load_recipe(RECIPES / recipe).optim.lr * lr_scale
+        return (f"train.steps={retrain_steps}", f"schedule.warmup_steps={max(1, retrain_steps // 20)}",
+                f"optim.lr={lr:.4g}")
+
     scratch = (f"train.steps={pretrain_steps}",)
     return [
         Cell(DENSE_PRETRAINED, "dense.yaml", scratch, stage="pretrain"),
         *(Cell(f"one-shot {name}", "retrain.yaml",
                ("train.steps=1", "schedule.warmup_steps=0", f"sparsity={{method: ste, oneshot: {name}}}"),
                initial=True, stage="one-shot") for name in ONESHOT),
-        Cell(CEILING, "retrain.yaml", retrain),
-        Cell(CEILING_KD, "retrain.yaml", (*retrain, KD)),
-        Cell("STE", "ste.yaml", retrain),
-        Cell("SR-STE", "srste.yaml", retrain),
-        Cell("AST", "ast.yaml", retrain, baseline=CEILING_KD),
-        Cell("AST + SLoRB", "ast-slorb.yaml", retrain, baseline=CEILING_KD),
-        Cell("CAST", "cast.yaml", retrain, baseline=CEILING_KD),
+        Cell(CEILING, "retrain.yaml", retrain("retrain.yaml")),
+        Cell(CEILING_KD, "retrain.yaml", (*retrain("retrain.yaml"), KD)),
+        Cell("STE", "ste.yaml", retrain("ste.yaml")),
+        Cell("SR-STE", "srste.yaml", retrain("srste.yaml")),
+        Cell("AST", "ast.yaml", retrain("ast.yaml"), baseline=CEILING_KD),
+        Cell("AST + SLoRB", "ast-slorb.yaml", retrain("ast-slorb.yaml"), baseline=CEILING_KD),
+        Cell("CAST", "cast.yaml", retrain("cast.yaml"), baseline=CEILING_KD),
         *([Cell("sparse_pretrain (from scratch)", "sparse-pretrain.yaml", scratch, stage="scratch",
                 baseline=DENSE_PRETRAINED),
            Cell("S-STE (from scratch)", "sste.yaml", scratch, stage="scratch", baseline=DENSE_PRETRAINED)]
@@ -160,7 +170,7 @@ def main() -> None:
     args.retrain_fraction = args.retrain_fraction or regime.retrain_fraction
     args.workdir = args.workdir or Path("runs/quality" if args.regime == "a" else f"runs/quality-{args.regime}")
     retrain_steps = max(1, round(args.pretrain_steps * args.retrain_fraction))
-    table = cells(retrain_steps, args.pretrain_steps, regime.scratch_cells)
+    table = cells(retrain_steps, args.pretrain_steps, regime.scratch_cells, regime.retrain_lr_scale)
     results: dict[str, list[float]] = {cell.label: [] for cell in table}
     for seed in args.seeds:
         start = None
@@ -185,6 +195,7 @@ def main() -> None:
         f"{retrain_steps} steps ({args.retrain_fraction:.0%} of the pretraining tokens) · whole validation split "
         f"(Hamlet, The Tempest, the Sonnets, Paradise Regained) · seeds {args.seeds}"
         f"{f' (one model pretrained with seed {args.seeds[0]}, retrained with each)' if regime.shared_start else ''}"
+        f"{f' · retraining lr {regime.retrain_lr_scale:.3g}× each recipe' if regime.retrain_lr_scale != 1 else ''}"
         f".\n\n{text}"))
 
 
