@@ -91,8 +91,8 @@ CHECKPOINT_INTERVAL = 250
 
 
 def cells(retrain_steps: int, pretrain_steps: int, scratch_cells: bool, lr_scale: float = 1.0) -> list[Cell]:
-    def retrain(recipe: str) -> tuple[str, ...]:
-        lr = load_recipe(RECIPES / recipe).optim.lr * lr_scale
+    def retrain(recipe: str, scale: float = lr_scale) -> tuple[str, ...]:
+        lr = load_recipe(RECIPES / recipe).optim.lr * scale
         return (f"train.steps={retrain_steps}", f"schedule.warmup_steps={max(1, retrain_steps // 20)}",
                 f"optim.lr={lr:.4g}")
 
@@ -109,6 +109,8 @@ def cells(retrain_steps: int, pretrain_steps: int, scratch_cells: bool, lr_scale
         Cell("AST", "ast.yaml", retrain("ast.yaml"), baseline=CEILING_KD),
         Cell("AST + SLoRB", "ast-slorb.yaml", retrain("ast-slorb.yaml"), baseline=CEILING_KD),
         Cell("CAST", "cast.yaml", retrain("cast.yaml"), baseline=CEILING_KD),
+        *([Cell("CAST at its recipe's lr", "cast.yaml", retrain("cast.yaml", 1.0), baseline=CEILING_KD)]
+          if lr_scale != 1 else []),  # AdamS moves a masked weight ≤ ~lr·T/2 in all: the scaled lr may not reach 0
         *([Cell("sparse_pretrain (from scratch)", "sparse-pretrain.yaml", scratch, stage="scratch",
                 baseline=DENSE_PRETRAINED),
            Cell("S-STE (from scratch)", "sste.yaml", scratch, stage="scratch", baseline=DENSE_PRETRAINED)]
