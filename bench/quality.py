@@ -110,7 +110,7 @@ def cells(retrain_steps: int, pretrain_steps: int, scratch_cells: bool, lr_scale
         Cell("AST + SLoRB", "ast-slorb.yaml", retrain("ast-slorb.yaml"), baseline=CEILING_KD),
         Cell("CAST", "cast.yaml", retrain("cast.yaml"), baseline=CEILING_KD),
         *([Cell("CAST at its recipe's lr", "cast.yaml", retrain("cast.yaml", 1.0), baseline=CEILING_KD)]
-          if lr_scale != 1 else []),  # AdamS moves a masked weight ≤ ~lr·T/2 in all: the scaled lr may not reach 0
+          if lr_scale != 1 else []),  # AdamS moves a masked weight ≤ Σ lr_t·t/T in all: a scaled lr may not reach 0
         *([Cell("sparse_pretrain (from scratch)", "sparse-pretrain.yaml", scratch, stage="scratch",
                 baseline=DENSE_PRETRAINED),
            Cell("S-STE (from scratch)", "sste.yaml", scratch, stage="scratch", baseline=DENSE_PRETRAINED)]
