@@ -142,11 +142,16 @@ def run_cell(cell: Cell, seed: int, workdir: Path, start: Path) -> float:
     return json.loads(result.read_text())["val_ppl"]
 
 
-def read_ppl(workdir: Path, out: Path, initial: bool) -> float:
+def mlflow_run(workdir: Path, out: Path):
+    """The MLflow client of the work dir's store and the id of the run a cell wrote to `out`."""
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads(sorted((out / "checkpoints").glob("step_*/trainer.json"))[-1].read_text())["mlflow_run_id"]
-    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    return MlflowClient(f"sqlite:///{workdir}/mlflow.db"), run_id
+
+
+def read_ppl(workdir: Path, out: Path, initial: bool) -> float:
+    client, run_id = mlflow_run(workdir, out)
     if initial:
         return next(m.value for m in client.get_metric_history(run_id, "val_ppl") if m.step == 0)
     return client.get_run(run_id).data.metrics["final_val_ppl"]
