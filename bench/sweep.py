@@ -87,7 +87,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     command = " ".join(["python bench/sweep.py", *sys.argv[1:]])
-    write_section(args.out, f"Sweep of {args.recipe.name}: {', '.join(g.partition('=')[0] for g in args.grid)}", (
+    write_section(args.out, f"Sweep of {args.recipe.name}: {'; '.join(args.grid)}, seeds {args.seeds}", (
         f"Command: `{command}` · from scratch, 16 × 128 tokens a step, one process · seeds {args.seeds} · "
         f"metrics: mean of the values logged in each window, as fractions of the run's steps.\n\n{text}"))
 
