@@ -37,9 +37,8 @@ def grid_cells(recipe: Path, grid: list[str], fixed: list[str]) -> list[Cell]:
     return [Cell(" ".join(point), str(recipe), (*fixed, *point), stage="scratch") for point in itertools.product(*axes)]
 
 
-def window_means(workdir: Path, out: Path, metric: str, bounds: list[int]) -> list[float | None]:
+def window_means(client, run_id: str, metric: str, bounds: list[int]) -> list[float | None]:
     """Mean of a run's logged `metric` over each window (lo, hi] of steps."""
-    client, run_id = mlflow_run(workdir, out)
     history = [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
     means = []
     for lo, hi in itertools.pairwise(bounds):
@@ -76,10 +75,10 @@ def main() -> None:
     for cell in cells:
         ppl = [run_cell(cell, seed, workdir, None) for seed in args.seeds]
         bounds = [round(fraction * steps[cell.label]) for fraction in args.windows]
+        runs = [mlflow_run(workdir, workdir / f"seed{seed}" / cell.slug) for seed in args.seeds]
         columns = []
         for metric in args.metrics:
-            per_seed = [window_means(workdir, workdir / f"seed{seed}" / cell.slug, metric, bounds)
-                        for seed in args.seeds]
+            per_seed = [window_means(client, run_id, metric, bounds) for client, run_id in runs]
             for values in zip(*per_seed, strict=True):
                 present = [v for v in values if v is not None]
                 columns.append(f"{statistics.mean(present):.4f}" if present else "–")
