@@ -29,6 +29,7 @@ from torch import nn
 from train_step import device_name, step_times
 
 from sparsedist.sparsity.layer import SparseLinear, dense_weight
+from sparsedist.sparsity.masks import pack_mask
 from sparsedist.sparsity.methods.ste import masked_ste_weight
 from sparsedist.sparsity.product import Product
 from sparsedist.sparsity.transposable import transposable_mask
@@ -68,7 +69,7 @@ class FFN(nn.Module):
         for name, (fan_in, fan_out) in shapes.items():
             layer = SparseLinear.from_linear(nn.Linear(fan_in, fan_out, bias=False, device=device, dtype=dtype),
                                              transform, product)
-            layer.mask.data = layer.pack(transposable_mask(layer.weight.detach()))
+            layer.mask.data = pack_mask(transposable_mask(layer.weight.detach()))
             self.add_module(name, layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
     python bench/train_step.py [--steps 20] [--out docs/benchmarks.md]
 
 Builds the tiny Llama of recipes/tiny (and a wider variant), converts it with each method,
-and times forward + backward + AdamW + the method's hooks on random tokens. Prints a table
+and times one optimizer step (sparsedist.train.step: the method's begin, forward + backward, the clipped
+update with its update hook, its end) on random tokens. Prints a table
 of milliseconds per step and the ratio to dense, plus the bytes of mask state per sparse
 weight, and writes it to the output file with this command line.
 """
@@ -20,14 +21,13 @@ from pathlib import Path
 import torch
 from report import write_section
 
-from sparsedist.config.schema import ModelConfig, OptimConfig, ParallelConfig
-from sparsedist.config.sparsity import METHOD_CONFIGS
-from sparsedist.models import FAMILIES, build_model, model_config
+from sparsedist.config.load import validate_recipe
+from sparsedist.models import model_config
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.parallel.runtime import Runtime
-from sparsedist.sparsity import make_method
+from sparsedist.student import build_student
 from sparsedist.train.losses import lm_loss
-from sparsedist.train.optim import param_groups
+from sparsedist.train.step import optimizer_step
 
 SHAPES = {
     "tiny (d=128, ffn=384, 4 layers)": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4),
@@ -41,32 +41,34 @@ def step_times(shape: dict, method: str, steps: int, device: torch.device, dtype
                batch: int = BATCH, seq: int = SEQ, **sparsity) -> tuple[list[float], float]:
     """Seconds per training step (after 3 warm-up steps) and mask bytes per sparse weight; the model's
     weights (and so AdamW's state) in `dtype`, `sparsity` keys over the method's defaults."""
-    cfg = ModelConfig(family="llama", config={"num_attention_heads": 4, "num_key_value_heads": 4, **shape,
-                                              "max_position_embeddings": seq})
-    model = build_model(cfg, model_config(cfg, VOCAB, seq, 0), seed=0).to(device, dtype)
-    backend = ParallelBackend(ParallelConfig(backend="none"), Runtime(0, 1, 0, device))
-    sparse = make_method(METHOD_CONFIGS[method](method=method, **sparsity), backend, total_steps=steps + 3)
-    sparse.convert(model, FAMILIES["llama"])
-    optim = OptimConfig()
-    optimizer = sparse.make_optimizer(param_groups(model, optim, sparse.no_decay_parameters()), optim)
-    model, optimizer = backend.prepare(model, optimizer)
-    sparse.init_state()
+    recipe = validate_recipe({
+        "name": f"bench-{method}",
+        "model": {"family": "llama", "config": {"num_attention_heads": 4, "num_key_value_heads": 4, **shape,
+                                                "max_position_embeddings": seq}},
+        "data": {"seq_len": seq, "vocab_size": VOCAB},
+        "sparsity": {"method": method, **sparsity},
+        "parallel": {"backend": "none"},
+        "train": {"steps": steps + 3, "global_batch": batch, "micro_batch": batch},
+    })
+    backend = ParallelBackend(recipe.parallel, Runtime(0, 1, 0, device))
+    student = build_student(recipe, backend, model_config(recipe.model, VOCAB, seq, 0))
+    student.model.to(dtype)
     tokens = torch.randint(0, VOCAB, (batch, seq + 1), device=device)
+
+    def loss_of(i: int, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return lm_loss(student.model(input_ids=inputs, use_cache=False).logits, labels), {}
+
     times = []
     for step in range(steps + 3):
         _sync(device)
         start = time.perf_counter()
-        sparse.before_step(step)
-        loss = lm_loss(model(input_ids=tokens[:, :-1], use_cache=False).logits, tokens[:, 1:])
-        backend.backward(model, loss, last=True)
-        backend.step(model, optimizer, optim.grad_clip,
-                     lambda tensors, first, step=step: sparse.before_update(step, tensors, first))
-        sparse.after_step(step)
+        optimizer_step(step, student, backend, [(tokens[:, :-1], tokens[:, 1:])], loss_of, recipe.optim.grad_clip)
         _sync(device)
         if step >= 3:
             times.append(time.perf_counter() - start)
-    weights = sum(layer.weight.numel() for layer in sparse.layers.values())
-    mask_bytes = sum(layer.mask.numel() for layer in sparse.layers.values())
+    layers = student.method.layers.values()
+    weights = sum(layer.weight.numel() for layer in layers)
+    mask_bytes = sum(layer.mask.numel() for layer in layers)
     return times, (mask_bytes / weights if weights else 0.0)
 
 

@@ -416,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_libraries()
     from sparsedist.checkpoint import CheckpointError
+    from sparsedist.errors import NonFiniteError
     from sparsedist.eval.errors import EvalError
     from sparsedist.export import ExportError
-    from sparsedist.parallel.backend import NonFiniteError
     from sparsedist.scaling import ScalingError
 
     try:

@@ -24,17 +24,15 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerFast
 
-from sparsedist.checkpoint.dcp import TRAINER_FILE
-from sparsedist.checkpoint.manifest import verify_manifest
-from sparsedist.checkpoint.pieces import is_piece_checkpoint, load_module
+from sparsedist.checkpoint import TRAINER_FILE, load_state, verify_manifest
 from sparsedist.config import Recipe
 from sparsedist.config.load import validate_recipe
 from sparsedist.config.schema import ParallelConfig
 from sparsedist.data import load_tokenizer
-from sparsedist.models import FAMILIES, Family, export_pretrained
+from sparsedist.models import FAMILIES, Family, export_pretrained, model_config
 from sparsedist.parallel import ParallelBackend, init_runtime, shutdown
 from sparsedist.sparsity.masks import nm_violations
-from sparsedist.train.student import Student, build_student
+from sparsedist.student import Student, build_student
 
 FOLDED = (".scale", ".beta")
 """Method parameters `finalize` folds into the weights, leaving ones."""
@@ -130,12 +128,10 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions | None
     try:
         backend = ParallelBackend(ParallelConfig(backend="none"), runtime)
         tokenizer = load_tokenizer(recipe.data.dir / "tokenizer")
-        student = build_student(recipe, backend, tokenizer, train=False)
-        if is_piece_checkpoint(checkpoint):  # written by the DeepSpeed backend
-            load_module(checkpoint, student.model)
-        else:
-            backend.load_state(checkpoint, student.model, None)
+        config = model_config(recipe.model, len(tokenizer), recipe.data.seq_len, tokenizer.eos_token_id)
+        student = build_student(recipe, backend, config, train=False)
+        load_state(checkpoint, backend, student.method.store, student.model, None)
         student.method.finalize()
-        return export_state(backend.full_state_dict(student.model), recipe, student, tokenizer, out, options)
+        return export_state(student.full_state(), recipe, student, tokenizer, out, options)
     finally:
         shutdown()

@@ -8,12 +8,12 @@ import re
 import pytest
 import torch
 
-from sparsedist.checkpoint import Checkpointer, CheckpointError
-from sparsedist.checkpoint.dcp import TRAINER_FILE
+from sparsedist.checkpoint import TRAINER_FILE, Checkpointer, CheckpointError
 from sparsedist.checkpoint.manifest import MANIFEST_FILE
 from sparsedist.config.schema import ParallelConfig
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.parallel.runtime import Runtime
+from sparsedist.sparsity.store import MaskStore
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def saved(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.randn(4, 16)).sum().backward()
     optimizer.step()
-    checkpointer = Checkpointer(tmp_path / "checkpoints", keep=3, backend=backend)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", keep=3, backend=backend, store=MaskStore(backend, m=4))
     for step in (1, 2):
         checkpointer.save(step, model, optimizer, {"tokens": step})
     return checkpointer, model, optimizer

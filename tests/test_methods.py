@@ -15,7 +15,7 @@ from sparsedist.sparsity import SparseLinear, make_method, nm_mask, pack_mask, u
 from sparsedist.sparsity.methods.cast import expanded_scale
 from sparsedist.sparsity.soft_threshold import soft_threshold
 from sparsedist.sparsity.transposable import transposable_mask
-from sparsedist.train.optim import param_groups
+from sparsedist.student import param_groups
 
 LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -29,7 +29,7 @@ def setup(method: str, total_steps: int = 100, fp8: bool = False, **sparsity):
     sparse = make_method(METHOD_CONFIGS[method](method=method, **sparsity), backend, total_steps, fp8)
     sparse.convert(model, FAMILIES["llama"])
     prepared_optimizer(model, sparse, OptimConfig())
-    sparse.init_state()
+    sparse.start()
     return model, sparse
 
 
@@ -42,7 +42,7 @@ def prepared_optimizer(model, method, cfg: OptimConfig) -> torch.optim.Optimizer
 def before_update(method, step: int) -> None:
     """What the backend does once gradients are reduced and clipped: the method's update hook."""
     tensors = [p for group in method.backend.optimizer.param_groups for p in group["params"]]
-    method.before_update(step, tensors, first=True)
+    method.update(step, tensors)
 
 
 def mask_of(layer: SparseLinear) -> torch.Tensor:
@@ -88,10 +88,10 @@ def test_masks_refresh_on_schedule_and_report_flips():
     with torch.no_grad():
         layer.weight.neg_().add_(torch.randn_like(layer.weight))  # new magnitudes, new masks
     before = layer.mask.clone()
-    method.after_step(step=0)
-    method.after_step(step=1)
+    method.end(0)
+    method.end(1)
     assert torch.equal(layer.mask, before)
-    method.after_step(step=2)
+    method.end(2)
     assert torch.equal(mask_of(layer), nm_mask(layer.weight))
     flips = int((unpack_mask(before, layer.in_features) ^ nm_mask(layer.weight)).sum())
     total = sum(lay.weight.numel() for lay in method.layers.values())
@@ -146,9 +146,9 @@ def test_sparse_pretrain_masks_are_transposable_and_decay_then_turn_dense():
     name = next(iter(method.layers))
     torch.testing.assert_close(layer.weight.grad, grads[name] + 0.02 * (~mask_of(layer)) * layer.weight)
     x = torch.randn(3, layer.in_features)
-    method.before_step(8)
+    method.begin(8)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight * mask_of(layer)))
-    method.before_step(9)  # the dense phase: full W, no decay, no refresh
+    method.begin(9)  # the dense phase: full W, no decay, no refresh
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
     grads = fake_gradients(method, seed=1)
     before_update(method, step=9)
@@ -193,7 +193,7 @@ def test_sste_forward_is_scaled_soft_threshold_with_frozen_beta_and_identity_bac
     torch.testing.assert_close(layer.weight.grad, grad_out.t() @ x)  # no β, no mask factor
     with torch.no_grad():
         layer.weight.mul_(3.0)
-    method.after_step(0)
+    method.end(0)
     assert float(layer.beta) == pytest.approx(beta, rel=1e-5), "β is computed once, never again"
 
 
@@ -227,7 +227,7 @@ def run_optimizer(method, model, steps: int, cfg: OptimConfig):
     w0 = layer.weight.detach().clone()
     grads = []
     for step in range(steps):
-        method.before_step(step)
+        method.begin(step)
         torch.manual_seed(step)
         for p in model.parameters():
             p.grad = torch.randn_like(p) if p.requires_grad else None
@@ -287,7 +287,7 @@ def test_cast_stored_momentum_is_the_raw_gradient_ema():
     cfg = OptimConfig(lr=1e-3, weight_decay=0.0)
     optimizer = prepared_optimizer(model, method, cfg)
     layer = first(method)
-    method.before_step(3)  # α = 1: μ̃ on pruned slots is pure decay
+    method.begin(3)  # α = 1: μ̃ on pruned slots is pure decay
     layer.weight.grad = torch.randn_like(layer.weight)
     before_update(method, 3)
     optimizer.step()
@@ -315,10 +315,10 @@ def test_cast_refreshes_before_the_update_and_finalize_folds_and_prunes():
     with torch.no_grad():
         layer.weight.neg_().add_(torch.randn_like(layer.weight))
     stale = layer.mask.clone()
-    method.after_step(9)
-    method.after_backward(9)
+    method.end(9)
+    method.begin(9)
     assert torch.equal(layer.mask, stale)
-    method.after_backward(10)
+    method.begin(10)
     assert torch.equal(layer.mask, pack_mask(nm_mask(layer.weight)))
     with torch.no_grad():
         layer.scale.uniform_(0.5, 2.0)
@@ -367,7 +367,7 @@ def test_update_masks_release_the_gradients_with_the_step():
     fake_gradients(method)
     grad = weakref.ref(first(method).weight.grad)
     before_update(method, 0)
-    method.after_step(0)
+    method.end(0)
     for layer in method.layers.values():
         layer.weight.grad = None
     assert grad() is None
@@ -379,7 +379,7 @@ def test_a_piece_its_mask_bits_do_not_cover_is_refused():
     piece = method.backend.piece(layer.weight)
     beyond = type(piece)(torch.zeros(8), None, piece.stop - 4)  # 4 weights past the end of the layer
     with pytest.raises(RuntimeError, match="misaligned sharding"):
-        method.backend.mask_range(layer, beyond)
+        method.store.mask_range(layer, beyond.start, beyond.stop)
 
 
 def test_cast_validation_sees_the_model_it_would_deliver():

@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from conftest import MICRO, metric_history, micro_overrides
 from sparsedist.config import load_recipe
-from sparsedist.parallel.backend import NonFiniteError
+from sparsedist.errors import NonFiniteError
 from sparsedist.train import trainer as trainer_module
 
 POISONED = {2, 3}  # 0-based optimizer steps whose loss is NaN

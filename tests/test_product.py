@@ -11,11 +11,10 @@ import pytest
 import torch
 from test_methods import first, setup
 
-from sparsedist.models import FAMILIES
 from sparsedist.sparsity import fp8
 from sparsedist.sparsity.layer import sparse_layers
 from sparsedist.sparsity.masks import nm_mask
-from sparsedist.sparsity.product import Product, has_sparse_tensor_cores, use_kernel
+from sparsedist.sparsity.product import Product, has_sparse_tensor_cores
 from sparsedist.sparsity.transposable import transposable_mask
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -67,16 +66,15 @@ def test_semi_structured_on_cpu_is_exactly_the_masked_dense_product():
         assert torch.equal(layer.weight.grad, other.weight.grad), name
 
 
-def test_use_kernel_selects_by_name_and_keeps_small_layers_dense():
-    model, method = setup("ast")  # all linears sparse; the kernel goes to the FFN ones only
-    ffn = FAMILIES["llama"].ffn_pattern
-    assert use_kernel(model, ffn, min_features=33) == []
-    chosen = use_kernel(model, ffn, min_features=32)
-    assert sorted(chosen) == sorted(name for name in method.layers if ".mlp." in name)
-    for name, layer in sparse_layers(model):
-        assert layer.product.semi_structured == (name in chosen)
-    assert use_kernel(model, ffn, "masked_dense") == chosen
-    assert not any(layer.product.semi_structured for _, layer in sparse_layers(model))
+def test_the_kernel_goes_to_the_ffn_layers_by_name_and_small_layers_stay_dense():
+    def chosen(**sparsity):  # all linears sparse (AST); the kernel goes to the FFN ones only
+        model, _ = setup("ast", **sparsity)
+        return sorted(name for name, layer in sparse_layers(model) if layer.product.semi_structured)
+
+    assert chosen(kernel="semi_structured", kernel_min_features=33) == []
+    ffn = chosen(kernel="semi_structured", kernel_min_features=32)
+    assert ffn == sorted(name for name in setup("ast")[1].layers if ".mlp." in name)
+    assert chosen(kernel="masked_dense", kernel_min_features=0) == []
 
 
 @pytest.mark.parametrize("method", ["sste", "cast"])
@@ -100,7 +98,7 @@ def test_sparse_pretrain_layers_run_the_transposed_product_until_the_dense_phase
                       dense_finetune_fraction=0.5)
     layer = first(method)
     assert layer.product == Product(semi_structured=True, transposable=True)
-    method.before_step(3)
+    method.begin(3)
     assert layer.product.plain
 
 

@@ -8,17 +8,20 @@ from conftest import MICRO
 from sparsedist.config import load_recipe
 from sparsedist.config.schema import ParallelConfig
 from sparsedist.data import load_tokenizer
+from sparsedist.models import model_config
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.parallel.runtime import Runtime
 from sparsedist.sparsity import nm_mask, unpack_mask
-from sparsedist.train.student import build_student
+from sparsedist.student import build_student
 
 BACKEND = ParallelBackend(ParallelConfig(backend="none"), Runtime(0, 1, 0, torch.device("cpu")))
 
 
 def student(corpus, *overrides):
     recipe = load_recipe(MICRO, [f"data.dir={corpus}", *overrides])
-    return build_student(recipe, BACKEND, load_tokenizer(corpus / "tokenizer"))
+    tokenizer = load_tokenizer(corpus / "tokenizer")
+    config = model_config(recipe.model, len(tokenizer), recipe.data.seq_len, tokenizer.eos_token_id)
+    return build_student(recipe, BACKEND, config)
 
 
 def test_oneshot_start_prunes_the_weights_before_the_masks_are_taken(corpus):

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from sparsedist.errors import CheckpointError
+
 MANIFEST_FILE = "manifest.json"
 _CHUNK = 16 * 2**20
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint's files do not match its manifest."""
 
 
 def _files(path: Path, skip: tuple[str, ...]) -> list[str]:

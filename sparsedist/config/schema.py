@@ -97,6 +97,11 @@ class ParallelConfig(Section):
     def world_size(self) -> int:
         return self.nnodes * self.nproc_per_node
 
+    @property
+    def deepspeed_overrides(self) -> dict[str, Any]:
+        """The user's DeepSpeed JSON (empty without one)."""
+        return {} if self.deepspeed_config is None else json.loads(self.deepspeed_config.read_text())
+
     @model_validator(mode="after")
     def _single_process_without_backend(self) -> ParallelConfig:
         if self.backend == "none" and self.world_size > 1:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from sparsedist.checkpoint.dcp import TRAINER_FILE
+from sparsedist.checkpoint import TRAINER_FILE
 from sparsedist.data import load_tokenizer
 from sparsedist.eval.compress import is_compressed, load_compressed
 from sparsedist.eval.errors import EvalError

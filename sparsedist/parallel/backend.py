@@ -1,25 +1,22 @@
-"""The parallel layer: what the trainer and the sparsity methods may ask of a sharding backend.
+"""The parallel layer: what the trainer, the mask store and checkpoints may ask of a sharding backend.
 
-A method never branches on the backend. It asks for this rank's `piece` of a parameter
-(the fp32 master values its optimizer updates, flat, with their offset in the full
-tensor), for the full tensor and to write one back (`full_tensor`, `set_full`), for
-global sums, and leaves wrapping, backward, clipping, the optimizer step and state to
-the backend. Masks are stored like their weight: a method reads and writes the mask of
-a piece (`mask_range`, `set_mask_piece`) without a collective, and where each rank holds
-the mask bits of exactly its own pieces (`local_masks`) it decides masks of whole N:M
-groups locally (`whole_groups` supplies the few neighbouring values a flat cut needs).
+A backend knows layouts, not methods or masks. It gives this rank's `piece` of a parameter
+(the fp32 master values its optimizer updates, flat, with their offset in the full tensor),
+the rows of a parameter this rank stores at rest (`stored_rows`), the full tensor and a way
+to write one back (`full_tensor`, `set_full`), which pieces each optimizer tensor holds
+(`optimizer_layout`), whole-group neighbourhoods of flat pieces (`whole_groups`) and global
+sums; it runs the backward, the clipped optimizer step (calling the step's `UpdateHook` on
+reduced gradients) and exposes its sharded state to checkpoints (`sharded_state` for torch
+DCP here; flat pieces under DeepSpeed, parallel/zero.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -33,16 +30,10 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from sparsedist.config.schema import ParallelConfig, Recipe
+from sparsedist.errors import RecipeError
 from sparsedist.parallel.runtime import Runtime
 
-if TYPE_CHECKING:
-    from sparsedist.sparsity.layer import SparseLinear
-
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-class NonFiniteError(RuntimeError):
-    """Training met non-finite values it may not go on with."""
 
 
 @dataclass
@@ -60,21 +51,40 @@ class Piece:
     def stop(self) -> int:
         return self.start + self.weight.numel()
 
+    def __len__(self) -> int:
+        return self.weight.numel()
+
 
 OptimizerLayout = list[tuple[torch.Tensor, list[tuple[nn.Parameter, int]]]]
 """Per tensor the optimizer updates: the model parameters whose pieces it holds, at which offsets."""
 
-UpdateHook = Callable[[list[torch.Tensor], bool], None]
-"""Called with optimizer tensors whose gradients are reduced and clipped, right before their
-update; the flag is True on the first call of a step. A backend calls it once per step with
-every tensor, or (DeepSpeed) once per parameter group."""
+class SavedState(Protocol):
+    """A piece checkpoint as backends read it (checkpoint/pieces.py)."""
+
+    optimizer_step: int
+    moment_keys: list[str]
+    """Optimizer state keys saved per parameter (`name@key`)."""
+
+    def full(self, name: str, numel: int) -> torch.Tensor:
+        """The full flat tensor saved under `name`."""
+
+
+class UpdateHook(Protocol):
+    """What a backend calls on reduced, clipped gradients, right before their update."""
+
+    def update(self, step: int, tensors: list[torch.Tensor]) -> None:
+        """`tensors` of the optimizer are about to be updated in optimizer step `step`: once per step with
+        every tensor, or (DeepSpeed) once per parameter group. No collectives."""
 
 
 class ParallelBackend:
     """One process, no sharding: the reference every sharded backend must agree with."""
 
-    local_masks = True
-    """Each rank stores the mask bits of exactly its pieces, and sets them without a collective."""
+    stores_own_pieces = True
+    """Whether each rank stores at rest exactly the elements its optimizer pieces hold (False where the
+    model copy is replicated and the master values partitioned: ZeRO-1/2)."""
+    checkpoint_format = "dcp"
+    """How checkpoint/ saves this backend's state: torch DCP (`sharded_state`) or flat `pieces`."""
 
     def __init__(self, cfg: ParallelConfig, runtime: Runtime):
         self.cfg = cfg
@@ -92,10 +102,16 @@ class ParallelBackend:
         self.optimizer = optimizer
         return model, optimizer
 
+    def module(self, model: nn.Module) -> nn.Module:
+        """The model's own module (the engine's, under DeepSpeed)."""
+        return model
+
     def autocast(self) -> torch.autocast:
         """Compute-dtype context of the forward pass."""
         dtype = _DTYPES[self.cfg.mixed_precision]
         return torch.autocast(self.runtime.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    # --- layout ----------------------------------------------------------------------------
 
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's piece of a parameter or gradient: a view of whole rows, writable in place."""
@@ -112,6 +128,16 @@ class ParallelBackend:
     def stored_numel(self, param: torch.Tensor) -> int:
         """Elements of `param` this rank holds at rest (memory accounting)."""
         return self.local(param).numel()
+
+    def stored_rows(self, param: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The rows of a 2-D parameter this rank stores at rest (a writable 2-D view) and the index of the
+        first; where `partition_size` cuts parameters flat, a row is one rank's partition."""
+        return self.local(param), self.row_range(param)[0]
+
+    def partition_size(self, numel: int) -> int | None:
+        """Elements per rank of a parameter of `numel` elements where the backend stores parameters as flat
+        partitions (ZeRO-3); None where it stores whole rows."""
+        return None
 
     def piece(self, param: torch.Tensor) -> Piece:
         """This rank's master values of `param` (its local rows, flattened)."""
@@ -131,45 +157,6 @@ class ParallelBackend:
             out.append((piece, piece.weight))
         return out
 
-    # --- masks -----------------------------------------------------------------------------
-
-    def mask_row(self, linear: nn.Linear) -> int:
-        """Elements per packed row of the mask of `linear`'s weight: its rows, sharded with them."""
-        return linear.in_features
-
-    def mask_bits(self, layer: SparseLinear) -> tuple[torch.Tensor, int]:
-        """The packed mask rows this rank holds for `layer`, and the flat index of their first element."""
-        return self.local(layer.mask), self.row_range(layer.mask)[0] * layer.mask_row
-
-    def mask_range(self, layer: SparseLinear, piece: Piece, lo: int = 0, hi: int | None = None,
-                   dtype: torch.dtype = torch.bool) -> torch.Tensor:
-        """Flat mask (bool, or 0/1 in `dtype`) of elements [lo, hi) of `piece` of the layer's weight (no
-        collective)."""
-        bits, origin = self.mask_bits(layer)
-        hi = piece.weight.numel() if hi is None else hi
-        mask = layer.unpack_bits(bits, piece.start - origin + lo, piece.start - origin + hi, dtype)
-        if mask.numel() != hi - lo:
-            raise RuntimeError(f"the mask bits held here cover {mask.numel()} of the {hi - lo} weights "
-                               f"[{piece.start + lo}, {piece.start + hi}) of a piece: misaligned sharding")
-        return mask
-
-    @torch.no_grad()
-    def set_mask_piece(self, layer: SparseLinear, piece: Piece, mask: torch.Tensor) -> torch.Tensor:
-        """Store the flat bool mask of `piece` (where `local_masks`; no collective); returns how many of
-        its bits changed (a 0-d tensor, counted on the packed bits: no synchronisation)."""
-        bits, origin = self.mask_bits(layer)
-        if not self.local_masks or origin != piece.start:
-            raise RuntimeError("this backend does not store masks by piece: set the full mask")
-        return layer.repack_bits(bits, mask)
-
-    def full_mask(self, layer: SparseLinear) -> torch.Tensor:
-        """The [out, in] bool mask on every rank (a collective on sharded backends)."""
-        return layer.dense_mask(self.full_tensor(layer.mask))
-
-    def set_full_mask(self, layer: SparseLinear, mask: torch.Tensor) -> None:
-        """Store this rank's share of a full [out, in] bool mask (all ranks call)."""
-        self.set_full(layer.mask, layer.pack(mask))
-
     def optimizer_layout(self) -> OptimizerLayout:
         """The tensors the prepared optimizer updates; here each parameter is its own."""
         return [(p, [(p, 0)]) for group in self.optimizer.param_groups for p in group["params"]]
@@ -178,7 +165,9 @@ class ParallelBackend:
     def set_full(self, param: torch.Tensor, value: torch.Tensor) -> None:
         """Write this rank's share of `param` (master and model copies) from its full value (all ranks call)."""
         start, stop = self.row_range(param)
-        self.local(param).copy_(value[start:stop])
+        self.local(param).copy_(value.reshape(param.shape)[start:stop])
+
+    # --- collectives -----------------------------------------------------------------------
 
     def all_finite(self, model: nn.Module) -> bool:
         """Whether every trainable value of the model, on every rank, is finite (all ranks call)."""
@@ -193,13 +182,15 @@ class ParallelBackend:
         dist.all_reduce(t)
         return t.tolist()
 
+    # --- the step --------------------------------------------------------------------------
+
     def backward(self, model: nn.Module, loss: torch.Tensor, last: bool) -> None:
         """Backward of one micro-batch; gradients are reduced across ranks after the `last` one."""
         loss.backward()
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None,
-             update_hook: UpdateHook) -> float:
-        """Clip to `max_norm` (when given), call `update_hook`, step and zero the gradients; with a
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None, step: int,
+             hook: UpdateHook) -> float:
+        """Clip to `max_norm` (when given), call `hook.update`, step and zero the gradients; with a
         non-finite global norm (a NaN or Inf anywhere) skip the update. Returns the norm before clipping."""
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -210,37 +201,50 @@ class ParallelBackend:
             return float(norm)
         if max_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        update_hook([p for group in optimizer.param_groups for p in group["params"]], True)
+        hook.update(step, [p for group in optimizer.param_groups for p in group["params"]])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The whole model on the CPU; on a sharded backend only rank 0 receives it (others: {})."""
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
     def after_eval(self, model: nn.Module) -> None:
         """Return the model to its training layout after forward-only calls."""
 
-    def save_state(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Write model and optimizer state under `path` (torch DCP: sharded, reshardable)."""
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    # --- state -----------------------------------------------------------------------------
 
-    def load_state(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        """Restore what `save_state` wrote, at this world size; without an optimizer, the model only.
-        An optimizer with an `init_state()` creates its state there, instead of by DCP's zero step."""
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model on the CPU, parameters in their stored layout; on a sharded backend only rank 0
+        receives it (others: {})."""
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def sharded_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Model (and optimizer) state as torch DCP saves and loads it in place: sharded, reshardable."""
         if optimizer is None:
-            state = {"model": get_model_state_dict(model)}
-            dcp.load(state, checkpoint_id=path)
-            set_model_state_dict(model, state["model"])
-            return
-        if hasattr(optimizer, "init_state"):
-            optimizer.init_state()
+            return {"model": get_model_state_dict(model)}
         model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return {"model": model_state, "optim": optim_state}
+
+    def load_sharded_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                           state: dict[str, Any]) -> None:
+        """Apply a `sharded_state` that DCP has filled."""
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    @torch.no_grad()
+    def load_pieces(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, saved: SavedState,
+                    skip: set[str]) -> None:
+        """Set every parameter and persistent buffer not in `skip` from the full values a piece checkpoint
+        holds (all ranks call); the optimizer's state from it where the backend saves pieces."""
+        if optimizer is not None:
+            raise RuntimeError(f"parallel.backend: {self.cfg.backend} resumes training from DCP checkpoints only")
+        module = self.module(model)
+        for name, param in module.named_parameters():
+            if name not in skip:
+                value = saved.full(name, numel(param))
+                self.set_full(param, value.to(torch.float32 if param.requires_grad else param.dtype))
+        for name, buffer in persistent_buffers(module):
+            buffer.copy_(saved.full(name, buffer.numel()).reshape(buffer.shape))
 
 
 class FSDP2Backend(ParallelBackend):
@@ -300,12 +304,22 @@ def make_backend(recipe: Recipe, runtime: Runtime) -> ParallelBackend:
     """The backend the recipe names, checked against the launched world size."""
     cfg = recipe.parallel
     if runtime.world_size != cfg.world_size:
-        raise RuntimeError(
-            f"parallel: the recipe expects {cfg.world_size} processes (nnodes × nproc_per_node) "
-            f"but {runtime.world_size} were launched"
-        )
+        raise RecipeError(f"parallel: the recipe expects {cfg.world_size} processes (nnodes × nproc_per_node) "
+                          f"but {runtime.world_size} were launched")
     if cfg.backend == "deepspeed":
-        from sparsedist.parallel.zero import ZeroBackend  # imports deepspeed: only when asked for
+        from sparsedist.parallel.zero import make_zero_backend  # imports deepspeed: only when asked for
 
-        return ZeroBackend(recipe, runtime)
+        return make_zero_backend(recipe, runtime)
     return FSDP2Backend(cfg, runtime) if cfg.backend == "fsdp2" else ParallelBackend(cfg, runtime)
+
+
+def persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers a state dict holds (not, e.g., rotary frequencies)."""
+    return [(f"{prefix}.{name}" if prefix else name, buffer)
+            for prefix, owner in module.named_modules() for name, buffer in owner.named_buffers(recurse=False)
+            if name not in owner._non_persistent_buffers_set]
+
+
+def numel(param: torch.Tensor) -> int:
+    """Elements of the full parameter (ZeRO-3 leaves an empty tensor in the module)."""
+    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()

@@ -3,10 +3,12 @@
 For every parameter, with g its gradient and t its step count:
 
     m ← β₁m + (1−β₁)g              the stored buffer: the raw gradient EMA, never overwritten
-    u = modify(param, W, m)         AST: m + λ(t)(1−M)⊙W;  CAST: (1−α_t)m + α_t·λ·sign(W) where M = 0
+    u = modify(param, W, m, t)      AST: m + λ(t)(1−M)⊙W;  CAST: (1−α_t)m + α_t·λ·sign(W) where M = 0
     v ← β₂v + (1−β₂)u²              from u, for every parameter (dense ones have u = m)
     W ← W(1−γ·wd) − γ·(u/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε)
 
+t counts the updates this optimizer has made (a step skipped for non-finite gradients is not
+one; a checkpoint restores it), so the schedules of `modify` need no step from outside.
 Because v is built from the smoothed u rather than from g², steps are larger than
 AdamW's at the same learning rate (about 2.5× on the tiny models): recipes lower lr.
 All arithmetic runs on each rank's local values (rows under FSDP2, a flat partition under
@@ -24,9 +26,9 @@ from collections.abc import Callable
 import torch
 
 Local = Callable[[torch.Tensor], torch.Tensor]
-Modify = Callable[[torch.Tensor, slice, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(parameter, chunk of its flattened local values, W and m of that chunk, scratch of its size) -> u of
-that chunk: m itself, or the scratch holding u."""
+Modify = Callable[[torch.Tensor, slice, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""(parameter, chunk of its flattened local values, W and m of that chunk, scratch of its size, 0-based index
+t − 1 of this update) -> u of that chunk: m itself, or the scratch holding u."""
 CHUNK = 1 << 20
 
 
@@ -75,7 +77,7 @@ class MomentAdam(torch.optim.Optimizer):
                     part = slice(start, start + CHUNK)
                     n = w[part].numel()
                     m[part].lerp_(g[part], 1 - beta1)
-                    u = self.modify(param, part, w[part], m[part], scratch[0, :n])
+                    u = self.modify(param, part, w[part], m[part], scratch[0, :n], int(t) - 1)
                     v[part].mul_(beta2).addcmul_(u, u, value=1 - beta2)
                     denom = torch.sqrt(v[part], out=scratch[1, :n]).div_(math.sqrt(1 - beta2**t)).add_(eps)
                     w[part].mul_(1 - lr * wd).addcdiv_(u, denom, value=-lr / (1 - beta1**t))

@@ -3,9 +3,8 @@
 The mask is a parameter (not a buffer) on purpose: the backend shards it like the
 weight and gathers it together with the weight for the forward, and checkpoints save it
 sharded. It costs one bit per weight, packed as rows of `mask_row` elements of the
-flattened weight: the weight's own rows (FSDP2 shards them with `Shard(0)` like the
-weight), or one row per ZeRO-3 partition of the weight (so each rank's partition of the
-mask holds exactly the bits of its partition of the weight).
+flattened weight, in the layout the mask store (store.py) chose; the store reads and
+writes the bits, the layer only unpacks the gathered mask for its forward.
 
 What the forward does is set by the method that converted the layer: `transform`
 gives the weight W̃ the product uses, `product` how it is multiplied (the plain dense
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsedist.sparsity.masks import count_ones, pack_rows, packed_width, unpack_rows
+from sparsedist.sparsity.masks import packed_width, unpack_rows
 from sparsedist.sparsity.product import Product
 
 
@@ -64,30 +63,11 @@ class SparseLinear(nn.Linear):
             out = out if self.bias is None else out + self.bias
         return out if self.branch is None else out + self.branch(x)
 
-    def unpack_bits(self, bits: torch.Tensor, lo: int, hi: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-        """Flat mask (bool, or 0/1 in `dtype`) of elements [lo, hi) from packed mask rows whose first element
-        is element 0."""
-        return unpack_rows(bits, self.mask_row, lo, hi, dtype)
-
-    def pack_bits(self, mask: torch.Tensor, rows: int) -> torch.Tensor:
-        """`rows` packed mask rows holding a flat bool mask (zero-padded)."""
-        return pack_rows(mask, rows, self.mask_row)
-
-    def repack_bits(self, bits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Overwrite packed mask rows `bits` with a flat bool mask; returns how many bits changed (0-d tensor)."""
-        new = self.pack_bits(mask, bits.shape[0])
-        flips = count_ones(bits ^ new)
-        bits.copy_(new)
-        return flips
-
     def dense_mask(self, bits: torch.Tensor | None = None, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """The [out, in] mask (bool, or 0/1 in `dtype`) from the whole packed mask (default: the gathered `mask`)."""
         bits = self.mask if bits is None else bits
-        return self.unpack_bits(bits, 0, self.out_features * self.in_features, dtype).view(self.out_features, -1)
-
-    def pack(self, mask: torch.Tensor) -> torch.Tensor:
-        """The whole packed mask of an [out, in] bool mask."""
-        return self.pack_bits(mask, -(-mask.numel() // self.mask_row))
+        numel = self.out_features * self.in_features
+        return unpack_rows(bits, self.mask_row, 0, numel, dtype).view(self.out_features, -1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, transform={self.transform.__name__}"

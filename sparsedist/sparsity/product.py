@@ -22,12 +22,10 @@ Which path runs where is in docs/kernels.md.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sparsedist.sparsity import fp8
 from sparsedist.sparsity.mvue import mvue24
@@ -106,30 +104,3 @@ class Product:
         if self.mvue and self._sparse(grad_t):
             return compress(grad_t) @ x
         return grad_t @ x
-
-
-def use_kernel(model: nn.Module, names: str, kernel: str = "semi_structured", min_features: int = 0) -> list[str]:
-    """Give the sparse layers whose name matches the regex `names` the `kernel` ("semi_structured" or
-    "masked_dense"); a layer whose smaller dimension is below `min_features` keeps the masked dense
-    product. Returns the names of the layers that run `kernel`."""
-    chosen = []
-    for name, layer in _matching(model, names):
-        sparse = kernel == "semi_structured" and min(layer.in_features, layer.out_features) >= min_features
-        layer.product = replace(layer.product, semi_structured=sparse)
-        chosen += [name] if sparse or kernel == "masked_dense" else []
-    return chosen
-
-
-def use_fp8(model: nn.Module, names: str) -> list[str]:
-    """Give the sparse layers whose name matches the regex `names` FP8 products; returns their names."""
-    chosen = []
-    for name, layer in _matching(model, names):
-        layer.product = replace(layer.product, fp8=True)
-        chosen.append(name)
-    return chosen
-
-
-def _matching(model: nn.Module, names: str) -> list[tuple[str, nn.Module]]:
-    from sparsedist.sparsity.layer import sparse_layers  # layer.py imports this module
-
-    return [(name, layer) for name, layer in sparse_layers(model) if re.search(names, name)]

@@ -1,21 +1,12 @@
-"""AdamW on fp32 master weights, and the learning-rate schedule as a pure function of the step."""
+"""The learning-rate schedule as a pure function of the step."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
 
-from sparsedist.config.schema import OptimConfig, ScheduleConfig
-
-
-def param_groups(model: nn.Module, cfg: OptimConfig, no_decay: set[int]) -> list[dict]:
-    """Trainable parameters in two groups: matrices decay; biases, norm scales and `no_decay` ids do not."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decayed = [p for p in trainable if p.dim() >= 2 and id(p) not in no_decay]
-    plain = [p for p in trainable if p.dim() < 2 or id(p) in no_decay]
-    return [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+from sparsedist.config.schema import ScheduleConfig
 
 
 def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:

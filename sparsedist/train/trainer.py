@@ -20,18 +20,19 @@ from sparsedist.checkpoint import Checkpointer
 from sparsedist.config import Recipe, recipe_hash
 from sparsedist.config.load import flatten
 from sparsedist.data import TokenBatches, eval_batches, load_tokenizer, prepare_dataset
+from sparsedist.errors import NonFiniteError
 from sparsedist.export import export_state
 from sparsedist.models import model_config
 from sparsedist.parallel import Runtime, init_runtime, make_backend, shutdown
-from sparsedist.parallel.backend import NonFiniteError
 from sparsedist.plan import training_flops
+from sparsedist.student import build_student
 from sparsedist.tracking import Tracker
 from sparsedist.tracking.mlflow_run import git_revision, hardware, peak_flops
 from sparsedist.train.evaluate import evaluate
 from sparsedist.train.losses import training_loss
 from sparsedist.train.optim import lr_factor, set_lr
 from sparsedist.train.preemption import Preemption
-from sparsedist.train.student import build_student
+from sparsedist.train.step import optimizer_step
 from sparsedist.train.teacher import build_teacher, precompute_teacher
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,15 @@ class Trainer:
         config = model_config(recipe.model, len(self.tokenizer), d.seq_len, self.tokenizer.eos_token_id)
         if recipe.distill.weight > 0 and recipe.distill.teacher.placement == "precomputed":
             precompute_teacher(recipe, config, self.backend, self.train_data)  # before the student exists
-        self.student = build_student(recipe, self.backend, self.tokenizer)
+        self.student = build_student(recipe, self.backend, config)
         self.model, self.method, self.optimizer = self.student.model, self.student.method, self.student.optimizer
         self.teacher = build_teacher(recipe, config, self.backend)
         self.tokens_per_step = t.global_batch * d.seq_len
         self.flops_per_token = training_flops(self.student.num_params, config.num_hidden_layers, config.hidden_size,
                                               d.seq_len, 1)
         self.peak_flops = peak_flops(recipe.tracking)
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", recipe.checkpoint.keep, self.backend)
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", recipe.checkpoint.keep, self.backend,
+                                         self.method.store)
         self.tracker = Tracker(recipe.tracking, runtime.is_main, self.output_dir / "tracking-buffer.jsonl")
         self.nonfinite_steps = 0
 
@@ -132,27 +134,20 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         """Optimizer step `step` (0-based) over this rank's micro-batches; returns its local metrics."""
-        r, device = self.recipe, self.runtime.device
+        r = self.recipe
         started = time.perf_counter()
         torch.manual_seed(step_seed(r.train.seed, step, self.runtime.rank))
-        self.method.before_step(step)
         lr = r.optim.lr * lr_factor(step, r.train.steps, r.schedule)
         set_lr(self.optimizer, lr)
-        micro_batches = self.train_data.micro_batches(step)
-        parts_sum: dict[str, float] = {}
-        for i, (inputs, labels) in enumerate(micro_batches):
-            inputs, labels = inputs.to(device), labels.to(device)
-            with self.backend.autocast():
-                logits = self.model(input_ids=inputs, use_cache=False).logits
-                targets = None if self.teacher is None else self.teacher.targets(step, i, inputs)
-                loss, parts = training_loss(logits, labels, targets, r.distill)
-            self.backend.backward(self.model, loss / len(micro_batches), last=i == len(micro_batches) - 1)
-            for key, value in {"loss": loss.item(), **parts}.items():
-                parts_sum[key] = parts_sum.get(key, 0.0) + value / len(micro_batches)
-        grad_norm = self.backend.step(self.model, self.optimizer, r.optim.grad_clip,
-                                      lambda tensors, first: self.method.before_update(step, tensors, first))
+
+        def loss_of(i: int, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            logits = self.model(input_ids=inputs, use_cache=False).logits
+            targets = None if self.teacher is None else self.teacher.targets(step, i, inputs)
+            return training_loss(logits, labels, targets, r.distill)
+
+        grad_norm, parts_sum = optimizer_step(step, self.student, self.backend, self.train_data.micro_batches(step),
+                                              loss_of, r.optim.grad_clip)
         self._count_nonfinite(step, grad_norm)
-        self.method.after_step(step)
         tokens_per_s = self.tokens_per_step / (time.perf_counter() - started)
         metrics = {**parts_sum, "lr": lr, "grad_norm": grad_norm, "tokens": (step + 1) * self.tokens_per_step,
                    "tokens_per_s": tokens_per_s}
@@ -218,7 +213,7 @@ class Trainer:
 
     def _export(self, out: Path) -> None:
         """The delivered model as a Hugging Face directory, with its tokenizer (rank 0 writes)."""
-        state = self.backend.full_state_dict(self.model)
+        state = self.student.full_state()
         if self.runtime.is_main:
             export_state(state, self.recipe, self.student, self.tokenizer, out)
             self.tracker.set_tags({"export_dir": str(out.resolve())})

@@ -35,7 +35,7 @@ def main() -> None:
                                            f"train.output_dir={out}.{method}"])
         trainer = Trainer(recipe, runtime)
         losses = [trainer._global_loss(trainer.train_step(step))["loss"] for step in range(STEPS)]
-        state = trainer.backend.full_state_dict(trainer.model)
+        state = trainer.student.full_state()
         report[method] = {"losses": losses,
                           "masks": {name: mask_digest(state[f"{name}.mask"]) for name in trainer.method.layers}
                           if runtime.is_main else {}}

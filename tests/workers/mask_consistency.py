@@ -18,7 +18,7 @@ from sparsedist.train.trainer import Trainer
 
 
 def gathered_masks(trainer: Trainer) -> tuple[dict[str, str], bool]:
-    state = trainer.backend.full_state_dict(trainer.model)
+    state = trainer.student.full_state()
     if not trainer.runtime.is_main:
         return {}, True
     digests, consistent = {}, True

@@ -1,6 +1,6 @@
-"""Sparsity methods by recipe name (`sparsity.method`)."""
+"""Sparsity methods by recipe name (`sparsity.method`), each registered with its recipe section."""
 
-from sparsedist.config.sparsity import SparsityConfig
+from sparsedist.config.sparsity import METHOD_CONFIGS, SparsityConfig
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.sparsity.methods.ast import AST
 from sparsedist.sparsity.methods.base import SparsityMethod
@@ -11,8 +11,11 @@ from sparsedist.sparsity.methods.sste import SSTE
 from sparsedist.sparsity.methods.ste import SRSTE, STE
 
 METHODS: dict[str, type[SparsityMethod]] = {
-    cls.name: cls for cls in (Dense, STE, SRSTE, SparsePretrain, SSTE, AST, CAST)
+    name: cls for cls in (Dense, STE, SRSTE, SparsePretrain, SSTE, AST, CAST)
+    for name, config in METHOD_CONFIGS.items() if config is cls.config
 }
+if METHODS.keys() != METHOD_CONFIGS.keys():  # a recipe section without its method, or the reverse
+    raise ImportError(f"sparsity methods {sorted(METHODS)} and their recipe sections {sorted(METHOD_CONFIGS)} differ")
 
 
 def make_method(cfg: SparsityConfig, backend: ParallelBackend, total_steps: int, fp8: bool = False) -> SparsityMethod:

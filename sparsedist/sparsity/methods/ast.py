@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsedist.config import sparsity as configs
 from sparsedist.sparsity.layer import SparseLinear
 from sparsedist.sparsity.masks import pruned_values
 from sparsedist.sparsity.methods.moment import MomentAdamMethod
@@ -35,7 +36,7 @@ class SLoRB(nn.Module):
 
 
 class AST(MomentAdamMethod):
-    name = "ast"
+    config = configs.AST
     transform = staticmethod(masked_ste_weight)
 
     def extend(self, layer: SparseLinear) -> None:
@@ -46,12 +47,12 @@ class AST(MomentAdamMethod):
             layer.branch = SLoRB(layer.in_features, layer.out_features, self.cfg.slorb_k, layer.weight.device)
 
     @torch.no_grad()
-    def init_state(self) -> None:
-        super().init_state()
+    def start(self, training: bool = True) -> None:
+        super().start(training)
         if self.cfg.slorb:
             for layer in self.layers.values():
                 weight = self.backend.full_tensor(layer.weight)
-                pruned = (weight * ~self.backend.full_mask(layer)).reshape(weight.shape[0], -1, self.cfg.slorb_k)
+                pruned = (weight * ~self.store.full(layer)).reshape(weight.shape[0], -1, self.cfg.slorb_k)
                 self.backend.set_full(layer.branch.s, pruned.mean(-1))
 
     def decay_at(self, step: int) -> float:
@@ -64,7 +65,7 @@ class AST(MomentAdamMethod):
         return {id(p) for layer in self.layers.values() if layer.branch is not None
                 for p in layer.branch.parameters()}
 
-    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor, out: torch.Tensor
-                        ) -> torch.Tensor:
+    def smoothed_moment(self, step: int, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
         """u = m + λ(t)(1−M)⊙W, in place."""
-        return torch.add(momentum, pruned_values(weight, kept, out), alpha=self.decay_at(self.step), out=out)
+        return torch.add(momentum, pruned_values(weight, kept, out), alpha=self.decay_at(step), out=out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsedist.config import sparsity as configs
 from sparsedist.sparsity.layer import SparseLinear
 from sparsedist.sparsity.methods.moment import MomentAdamMethod
 
@@ -38,7 +39,7 @@ def pruned_scaled_weight(layer: SparseLinear) -> torch.Tensor:
 
 
 class CAST(MomentAdamMethod):
-    name = "cast"
+    config = configs.CAST
     transform = staticmethod(scaled_weight)
     delivered_transform = staticmethod(pruned_scaled_weight)
 
@@ -53,29 +54,31 @@ class CAST(MomentAdamMethod):
         """α_t = t/T at optimizer step `step` (t = step + 1)."""
         return (step + 1) / self.total_steps
 
-    def after_backward(self, step: int) -> None:
+    def begin(self, step: int) -> None:
+        """Masks are refreshed before the update of every T₁-th step (step 0 has the initial masks); the
+        forward is dense, so before the forward passes is the same as right before the update."""
         if step and step % self.cfg.refresh_interval == 0:
-            self.refresh_masks()  # before this step's update; step 0 has the initial masks
+            self.refresh()
 
-    def after_step(self, step: int) -> None:
-        """Masks are refreshed before updates (after_backward), not after."""
+    def end(self, step: int) -> None:
+        """Masks are refreshed before updates (`begin`), not after."""
 
     def no_decay_parameters(self) -> set[int]:
         return {id(layer.scale) for layer in self.layers.values()}
 
-    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor, out: torch.Tensor
-                        ) -> torch.Tensor:
+    def smoothed_moment(self, step: int, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
         """μ̃ = μ on kept slots, (1−α_t)μ + α_t·λ·sign(W) on pruned ones, as μ + α_t·(1−M)⊙(λ·sign(W) − μ):
         in place, and exactly μ where M = 1 (d − d·1 = 0)."""
         toward = torch.sign(weight, out=out).mul_(self.cfg.decay).sub_(momentum)
         toward.addcmul_(toward, kept, value=-1)
-        return torch.add(momentum, toward, alpha=self.alpha_at(self.step), out=out)
+        return torch.add(momentum, toward, alpha=self.alpha_at(step), out=out)
 
     @torch.no_grad()
     def finalize(self) -> None:
         """Final masks, scales folded into W, hard prune."""
-        self.refresh_masks()
+        self.refresh()
         for layer in self.layers.values():
             weight, scale = self.backend.full_tensor(layer.weight), self.backend.full_tensor(layer.scale)
-            self.backend.set_full(layer.weight, weight * expanded_scale(layer, scale) * self.backend.full_mask(layer))
+            self.backend.set_full(layer.weight, weight * expanded_scale(layer, scale) * self.store.full(layer))
             self.backend.set_full(layer.scale, torch.ones_like(scale))

@@ -12,28 +12,18 @@ from sparsedist.sparsity.methods.base import SparsityMethod
 class MomentAdamMethod(SparsityMethod):
     """Builds `MomentAdam` and turns each sparse weight's momentum m into the method's u."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.step = 0
-
-    def before_step(self, step: int) -> None:
-        self.step = step
-
-    def masks_in_update(self, step: int) -> bool:
-        return True
-
     def make_optimizer(self, groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
         return MomentAdam(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, self.backend.local, self._moment)
 
     def _moment(self, tensor: torch.Tensor, part: slice, weight: torch.Tensor, momentum: torch.Tensor,
-                out: torch.Tensor) -> torch.Tensor:
-        kept = self.update_mask(tensor, part, weight.dtype)
+                out: torch.Tensor, step: int) -> torch.Tensor:
+        kept = self.store.update_mask(tensor, part, weight.dtype)
         if kept is None:
             return momentum  # no sparse weight in this part of the tensor: u = m
-        return self.smoothed_moment(weight, momentum, kept, out)
+        return self.smoothed_moment(step, weight, momentum, kept, out)
 
-    def smoothed_moment(self, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor, out: torch.Tensor
-                        ) -> torch.Tensor:
-        """u, written to `out`, from this rank's values of W, m and the aligned mask M (0/1 in W's dtype,
-        which this may overwrite), at step `self.step`; u = m exactly where M = 1."""
+    def smoothed_moment(self, step: int, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
+        """u of the optimizer's update `step` (0-based), written to `out`, from this rank's values of W, m and
+        the aligned mask M (0/1 in W's dtype, which this may overwrite); u = m exactly where M = 1."""
         raise NotImplementedError

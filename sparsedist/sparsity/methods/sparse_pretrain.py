@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import torch
 
+from sparsedist.config import sparsity as configs
 from sparsedist.sparsity.layer import dense_weight
 from sparsedist.sparsity.methods.base import SparsityMethod
 from sparsedist.sparsity.methods.ste import add_masked_decay, masked_ste_weight
@@ -20,7 +21,7 @@ from sparsedist.sparsity.transposable import transposable_mask
 
 
 class SparsePretrain(SparsityMethod):
-    name = "sparse_pretrain"
+    config = configs.SparsePretrain
     transform = staticmethod(masked_ste_weight)
     group_local = False  # 4×4 blocks: a shard may cut them, so decide on the gathered weight
 
@@ -39,24 +40,20 @@ class SparsePretrain(SparsityMethod):
     def decide(self, weight: torch.Tensor) -> torch.Tensor:
         return transposable_mask(weight)
 
-    def before_step(self, step: int) -> None:
+    def begin(self, step: int) -> None:
         if step >= self.dense_from:
             for layer in self.layers.values():
                 layer.transform = dense_weight
                 layer.product = replace(layer.product, semi_structured=False, mvue=False)
 
-    def masks_in_update(self, step: int) -> bool:
-        return step < self.dense_from
-
-    def gradient_term(self, step: int, tensor: torch.Tensor) -> None:
+    def update(self, step: int, tensors: list[torch.Tensor]) -> None:
         if step < self.dense_from:
-            add_masked_decay(self, tensor, self.cfg.decay)
+            for tensor in tensors:
+                add_masked_decay(self.store, tensor, self.cfg.decay)
 
-    def after_step(self, step: int) -> None:
+    def end(self, step: int) -> None:
         if step + 1 < self.dense_from:
-            super().after_step(step)
-        else:
-            self._update_masks = {}
+            super().end(step)
 
     def finalize(self) -> None:
         """With dense fine-tuning the model is dense by design; without, it is hard-pruned."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsedist.config import sparsity as configs
 from sparsedist.sparsity.layer import SparseLinear, straight_through
 from sparsedist.sparsity.methods.base import SparsityMethod
 from sparsedist.sparsity.product import Product
@@ -24,7 +25,7 @@ def soft_threshold_weight(layer: SparseLinear) -> torch.Tensor:
 
 
 class SSTE(SparsityMethod):
-    name = "sste"
+    config = configs.SSTE
     transform = staticmethod(soft_threshold_weight)
 
     def product(self) -> Product:
@@ -34,13 +35,13 @@ class SSTE(SparsityMethod):
         layer.register_buffer("beta", torch.ones((), dtype=torch.float32, device=layer.weight.device))
 
     @torch.no_grad()
-    def init_state(self) -> None:
-        super().init_state()
+    def start(self, training: bool = True) -> None:
+        super().start(training)
         for layer in self.layers.values():
             layer.beta.fill_(soft_threshold_scale(self.backend.full_tensor(layer.weight)))
 
-    def after_step(self, step: int) -> None:
-        self.refresh_masks()  # S(W) changes at every step; its support is monitored every step
+    def end(self, step: int) -> None:
+        self.refresh()  # S(W) changes at every step; its support is monitored every step
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -49,4 +50,4 @@ class SSTE(SparsityMethod):
             weight = self.backend.full_tensor(layer.weight)
             self.backend.set_full(layer.weight, layer.beta.float() * soft_threshold(weight))
             layer.beta.fill_(1.0)
-        self.refresh_masks()
+        self.refresh()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from sparsedist.config import sparsity as configs
 from sparsedist.sparsity.adam import CHUNK
 from sparsedist.sparsity.layer import SparseLinear, straight_through
 from sparsedist.sparsity.masks import pruned_values
 from sparsedist.sparsity.methods.base import SparsityMethod
+from sparsedist.sparsity.store import MaskStore
 
 
 def masked_ste_weight(layer: SparseLinear) -> torch.Tensor:
@@ -18,7 +20,7 @@ def masked_ste_weight(layer: SparseLinear) -> torch.Tensor:
 class STE(SparsityMethod):
     """Forward with M⊙W, gradient straight through to the dense W; masks refreshed from |W|."""
 
-    name = "ste"
+    config = configs.STE
     transform = staticmethod(masked_ste_weight)
 
 
@@ -30,23 +32,21 @@ class SRSTE(STE):
     multiplied by the world size, and it does not count towards the clipped norm.
     """
 
-    name = "srste"
+    config = configs.SRSTE
 
-    def masks_in_update(self, step: int) -> bool:
-        return True
-
-    def gradient_term(self, step: int, tensor: torch.Tensor) -> None:
-        add_masked_decay(self, tensor, self.cfg.decay)
+    def update(self, step: int, tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            add_masked_decay(self.store, tensor, self.cfg.decay)
 
 
 @torch.no_grad()
-def add_masked_decay(method: SparsityMethod, tensor: torch.Tensor, decay: float) -> None:
+def add_masked_decay(store: MaskStore, tensor: torch.Tensor, decay: float) -> None:
     """grad += decay·(1−M)⊙W on this rank's values of one optimizer tensor (SR-STE, ICML'24)."""
     if tensor.grad is None:
         return
-    weight, grad = method.backend.local(tensor).view(-1), method.backend.local(tensor.grad).view(-1)
+    weight, grad = store.backend.local(tensor).view(-1), store.backend.local(tensor.grad).view(-1)
     for start in range(0, weight.numel(), CHUNK):
         part = slice(start, start + CHUNK)
-        kept = method.update_mask(tensor, part, weight.dtype)
+        kept = store.update_mask(tensor, part, weight.dtype)
         if kept is not None:
             grad[part].add_(pruned_values(weight[part], kept, out=kept), alpha=decay)

@@ -1,0 +1,35 @@
+"""One optimizer step in the order every run takes it: the method's `begin`, the forward and backward of
+each micro-batch, the backend's reduced, clipped update (with the method's `update` on the gradients),
+the method's `end`. The trainer and the step-time benchmark both take steps through it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from sparsedist.parallel.backend import ParallelBackend
+from sparsedist.student import Student
+
+LossOf = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+"""(micro-batch index, inputs, labels) -> (loss tensor, its parts as floats), under the backend's autocast."""
+
+
+def optimizer_step(step: int, student: Student, backend: ParallelBackend,
+                   micro_batches: list[tuple[torch.Tensor, torch.Tensor]] | Iterable, loss_of: LossOf,
+                   max_norm: float | None) -> tuple[float, dict[str, float]]:
+    """Take optimizer step `step` (0-based) over this rank's micro-batches; returns the gradient norm before
+    clipping (non-finite: the update was skipped) and the mean of the loss and its parts."""
+    student.method.begin(step)
+    micro_batches = list(micro_batches)
+    parts_sum: dict[str, float] = {}
+    for i, (inputs, labels) in enumerate(micro_batches):
+        inputs, labels = inputs.to(backend.runtime.device), labels.to(backend.runtime.device)
+        with backend.autocast():
+            loss, parts = loss_of(i, inputs, labels)
+        backend.backward(student.model, loss / len(micro_batches), last=i == len(micro_batches) - 1)
+        for key, value in {"loss": loss.item(), **parts}.items():
+            parts_sum[key] = parts_sum.get(key, 0.0) + value / len(micro_batches)
+    grad_norm = backend.step(student.model, student.optimizer, max_norm, step, student.method)
+    student.method.end(step)
+    return grad_norm, parts_sum
