@@ -26,6 +26,11 @@ def is_piece_checkpoint(path: Path) -> bool:
     return any(path.glob("rank_*.pt"))
 
 
+def write_pieces(path: Path, rank: int, pieces: dict[str, tuple[int, torch.Tensor]], optimizer_step: int) -> None:
+    """Write one rank's file."""
+    torch.save({"pieces": pieces, "optimizer_step": optimizer_step}, path / f"rank_{rank}.pt")
+
+
 def read_pieces(path: Path) -> tuple[Pieces, list[dict]]:
     """Every rank's pieces by name, and each file's other entries."""
     files = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in sorted(path.glob("rank_*.pt"))]
@@ -69,8 +74,7 @@ def save(path: Path, backend: ParallelBackend, store: MaskStore, model: nn.Modul
     """Write this rank's pieces of model, optimizer and masks under `path` (all ranks)."""
     pieces = backend.state_pieces(model, optimizer, skip=store.state_names())
     pieces.update(store.state_pieces())
-    torch.save({"pieces": pieces, "optimizer_step": backend.optimizer_step(optimizer)},
-               path / f"rank_{backend.runtime.rank}.pt")
+    write_pieces(path, backend.runtime.rank, pieces, backend.optimizer_step(optimizer))
 
 
 @torch.no_grad()

@@ -77,6 +77,21 @@ class UpdateHook(Protocol):
         every tensor, or (DeepSpeed) once per parameter group. No collectives."""
 
 
+def global_grad_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """L2 norm of all gradients accumulated in float64, as DeepSpeed ZeRO-3 does it: per-tensor norms of the
+    local values in float64, their squares summed (over the ranks of the mesh for sharded DTensor gradients)."""
+    def squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros((), dtype=torch.float64, device=device)
+        return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]).square().sum()
+
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    total = squares([g.to_local() for g in sharded])
+    if sharded:
+        dist.all_reduce(total, group=sharded[0].device_mesh.get_group())
+    return total.add_(squares([g for g in grads if not isinstance(g, DTensor)])).sqrt_()
+
+
 class ParallelBackend:
     """One process, no sharding: the reference every sharded backend must agree with."""
 
@@ -193,14 +208,13 @@ class ParallelBackend:
         """Clip to `max_norm` (when given), call `hook.update`, step and zero the gradients; with a
         non-finite global norm (a NaN or Inf anywhere) skip the update. Returns the norm before clipping."""
         params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        norm = global_grad_norm([p.grad for p in params], self.runtime.device)
         if not torch.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
             return float(norm)
-        if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        if max_norm is not None:  # DeepSpeed's coefficient 1 / max(1, (norm + 1e-6) / max_norm), in float64
+            scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0).reciprocal()
+            torch._foreach_mul_([self.local(p.grad) for p in params], scale)
         hook.update(step, [p for group in optimizer.param_groups for p in group["params"]])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
