@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,3 +142,16 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions | None
         return export_state(backend.full_state_dict(student.model), recipe, student, tokenizer, out, options)
     finally:
         shutdown()
+
+
+@contextmanager
+def exported(path: Path, options: ExportOptions | None = None) -> Iterator[Path]:
+    """A model directory for `path`: `path` itself, or a checkpoint's step folder exported exactly as
+    `sparsedist export` does into a temporary directory, removed on exit."""
+    path = Path(path)
+    if not (path / TRAINER_FILE).is_file():
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        export_checkpoint(path, Path(tmp) / "model", options)
+        yield Path(tmp) / "model"
