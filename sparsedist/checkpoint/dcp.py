@@ -3,11 +3,11 @@
 Layout: `<dir>/step_00000100/` holds the backend's shard files (torch DCP under FSDP2;
 per-rank pieces under DeepSpeed), `trainer.json` (step, tokens, tracking run...) and
 `manifest.json` (size and SHA-256 of every file). Every rank writes into
-`step_00000100.tmp/`; once all are done, rank 0 writes `trainer.json`, the ranks hash the
-files, rank 0 writes the manifest and renames the folder, so a step directory exists only
-when it is complete: a run killed while saving leaves the previous one as the newest.
-Loading verifies the manifest first. Resuming picks the newest complete one; a checkpoint
-may be loaded at another world size (both backends reshard).
+`.step_00000100.partial/`; once all are done, rank 0 writes `trainer.json`, the ranks hash
+the files, rank 0 writes the manifest and publishes the folder (`checkpoint/publish.py`), so a
+step directory exists only when it is complete: a run killed while saving leaves the previous
+one as the newest. Loading verifies the manifest first. Resuming picks the newest complete one;
+a checkpoint may be loaded at another world size (both backends reshard).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from sparsedist.checkpoint.manifest import verify_manifest, write_manifest
+from sparsedist.checkpoint.publish import prepare, publish, staging_dir
 from sparsedist.parallel.backend import ParallelBackend
 
 TRAINER_FILE = "trainer.json"
@@ -50,10 +51,9 @@ class Checkpointer:
 
     def save(self, step: int, model: nn.Module, optimizer: Optimizer, trainer_state: dict[str, Any]) -> Path:
         final = self.root / f"step_{step:08d}"
-        staging = final.with_suffix(".tmp")
+        staging = staging_dir(final)
         if self.is_main:
-            shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted save
-            staging.mkdir(parents=True)
+            prepare(final)  # clears what an interrupted save left
         _barrier()
         self.backend.save_state(staging, model, optimizer)
         _barrier()
@@ -62,8 +62,7 @@ class Checkpointer:
         _barrier()
         write_manifest(staging)
         if self.is_main:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
+            publish(final)
             for old in self.complete_steps()[: -self.keep]:
                 shutil.rmtree(old)
         _barrier()
