@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from memory import device_name  # noqa: E402
 from report import write_section  # noqa: E402
 
-from sparsedist.checkpoint import verify_manifest  # noqa: E402
+from sparsedist.checkpoint.manifest import verify_manifest  # noqa: E402
 from sparsedist.config import load_recipe  # noqa: E402
 from sparsedist.data import prepare_dataset  # noqa: E402
 from sparsedist_launch.local import rank_processes  # noqa: E402

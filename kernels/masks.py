@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsedist.sparsity.masks import packed_width
-from sparsedist.sparsity.transposable import TRANSPOSABLE_PATTERNS
+from sparsedist_kernels.layout import TRANSPOSABLE_PATTERNS, packed_width
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 

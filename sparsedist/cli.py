@@ -158,8 +158,10 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from sparsedist.eval.errors import EvalError
     from sparsedist.eval.load import load_model
     from sparsedist.eval.perplexity import check_tokenizer, model_seq_len, perplexity, split_stream, text_stream
+    from sparsedist.export import exported
 
-    model, tokenizer = load_model(args.model, _eval_device(args))
+    with exported(args.model) as model_dir:  # a checkpoint is evaluated as the model it would deliver
+        model, tokenizer = load_model(model_dir, _eval_device(args))
     if args.text:
         stream, source = text_stream(args.text, tokenizer), str(args.text)
     else:
@@ -180,9 +182,11 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     import json
 
     from sparsedist.eval.tasks import result_rows, run_tasks
+    from sparsedist.export import exported
 
     tasks = [task for task in args.tasks.split(",") if task]
-    results = run_tasks(args.model, tasks, args.include_path, args.limit, args.batch, _eval_device(args))
+    with exported(args.model) as model_dir:
+        results = run_tasks(model_dir, tasks, args.include_path, args.limit, args.batch, _eval_device(args))
     for task, metric, value, stderr in result_rows(results):
         print(f"{task}  {metric}  {value:.4f}" + ("" if stderr is None else f"  ± {stderr:.4f}"))
     if args.output:
@@ -415,8 +419,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_libraries()
-    from sparsedist.checkpoint import CheckpointError
-    from sparsedist.errors import NonFiniteError
+    from sparsedist.errors import CheckpointError, NonFiniteError
     from sparsedist.eval.errors import EvalError
     from sparsedist.export import ExportError
     from sparsedist.scaling import ScalingError

@@ -16,7 +16,9 @@ a per-layer report of sparsity and bytes, `compression.json`.
 from __future__ import annotations
 
 import json
-import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerFast
 
-from sparsedist.checkpoint import TRAINER_FILE, load_state, verify_manifest
+from sparsedist.checkpoint.checkpointer import TRAINER_FILE, load_state
+from sparsedist.checkpoint.manifest import verify_manifest
+from sparsedist.checkpoint.publish import staged
 from sparsedist.config import Recipe
 from sparsedist.config.load import validate_recipe
 from sparsedist.config.schema import ParallelConfig
@@ -83,8 +87,6 @@ def export_state(state: dict[str, torch.Tensor], recipe: Recipe, student: Studen
     branches = {k: v.contiguous() for k, v in state.items() if ".branch." in k}
     weights = {k: v for k, v in state.items()
                if not k.endswith((".mask", *FOLDED)) and ".branch." not in k}
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     quantized = None
     if options.quantize:
         from sparsedist.eval.quantize import BITS, quantize_state
@@ -92,13 +94,13 @@ def export_state(state: dict[str, torch.Tensor], recipe: Recipe, student: Studen
         quantized = quantize_state(weights, family, BITS[options.quantize], options.group_size)
         weights = {**weights, **{f"{layer}.weight": q.dequantize().to(weights[f"{layer}.weight"].dtype)
                                  for layer, q in quantized.items()}}
-    export_pretrained(weights, recipe.model, student.config, staging)
-    tokenizer.save_pretrained(staging)
-    if branches:
-        save_file(branches, staging / "slorb.safetensors")
-    report = _export_extras(weights, family, quantized, options, staging) if quantized or options.compressed else None
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    with staged(out) as staging:
+        export_pretrained(weights, recipe.model, student.config, staging)
+        tokenizer.save_pretrained(staging)
+        if branches:
+            save_file(branches, staging / "slorb.safetensors")
+        extras = quantized or options.compressed
+        report = _export_extras(weights, family, quantized, options, staging) if extras else None
     return report
 
 
@@ -135,3 +137,16 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions | None
         return export_state(student.full_state(), recipe, student, tokenizer, out, options)
     finally:
         shutdown()
+
+
+@contextmanager
+def exported(path: Path, options: ExportOptions | None = None) -> Iterator[Path]:
+    """A model directory for `path`: `path` itself, or a checkpoint's step folder exported exactly as
+    `sparsedist export` does into a temporary directory, removed on exit."""
+    path = Path(path)
+    if not (path / TRAINER_FILE).is_file():
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        export_checkpoint(path, Path(tmp) / "model", options)
+        yield Path(tmp) / "model"

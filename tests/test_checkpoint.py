@@ -8,9 +8,11 @@ import re
 import pytest
 import torch
 
-from sparsedist.checkpoint import TRAINER_FILE, Checkpointer, CheckpointError
+from sparsedist.checkpoint.checkpointer import TRAINER_FILE, Checkpointer
 from sparsedist.checkpoint.manifest import MANIFEST_FILE
+from sparsedist.checkpoint.publish import staging_dir
 from sparsedist.config.schema import ParallelConfig
+from sparsedist.errors import CheckpointError
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.parallel.runtime import Runtime
 from sparsedist.sparsity.store import MaskStore
@@ -44,8 +46,8 @@ def test_the_manifest_lists_every_file_with_its_size(saved):
 
 def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint_newest(saved):
     checkpointer, model, optimizer = saved
-    torn = checkpointer.root / "step_00000003.tmp"
-    (checkpointer.latest()).rename(torn)  # a complete-looking folder that was never renamed
+    torn = staging_dir(checkpointer.root / "step_00000003")
+    (checkpointer.latest()).rename(torn)  # a complete-looking folder that was never published
     assert checkpointer.latest().name == "step_00000001"
     assert checkpointer.load(checkpointer.latest(), model, optimizer)["step"] == 1
 

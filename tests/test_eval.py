@@ -14,9 +14,12 @@ from conftest import REPO, run, train
 from sparsedist.cli import main
 from sparsedist.data import load_tokenizer, prepare_text_source
 from sparsedist.eval.compress import compress_dir
+from sparsedist.eval.errors import EvalError
+from sparsedist.eval.load import load_model
 from sparsedist.eval.perplexity import perplexity, split_stream
 from sparsedist.eval.quantize import load_quantized, quantize_model_
 from sparsedist.eval.tasks import result_rows, run_tasks
+from sparsedist.export import exported
 from sparsedist.models import FAMILIES
 
 TASKS = REPO / "tests" / "data" / "lm_eval_task"
@@ -129,3 +132,10 @@ def test_lm_eval_runs_a_local_task_on_dense_and_compressed_models(delivered, tmp
     assert 0.75 <= dense <= 1.0  # chance is 0.5: the wrong choices are strings of rare letters
     compressed = run_tasks(delivered["compressed"], ["sparsedist_easy"], TASKS, limit=8)
     assert ("sparsedist_easy", "acc", dense) in [row[:3] for row in result_rows(compressed)]
+
+
+def test_eval_loads_model_directories_and_a_checkpoint_is_exported_first(delivered):
+    with pytest.raises(EvalError, match="is a training checkpoint: export it first"):
+        load_model(delivered["checkpoint"])
+    with exported(delivered["dense"]) as path:
+        assert path == delivered["dense"]

@@ -1,7 +1,10 @@
-"""Checkpoints: every on-disk format of a run's state (DCP folders, per-rank pieces, manifests), written
-atomically, resumable at any world size."""
+"""Checkpoints: every on-disk format of a run's state, written atomically, resumable at any world size.
 
-from sparsedist.checkpoint.checkpointer import TRAINER_FILE, Checkpointer, load_state
-from sparsedist.checkpoint.manifest import CheckpointError, verify_manifest
+checkpointer.py   step folders: save, resume, keep; `load_state` reads either format
+dcp.py            torch DCP shards (one process, FSDP2)
+pieces.py         per-rank flat pieces with offsets (DeepSpeed ZeRO)
+manifest.py       size and SHA-256 of every file, verified before a load
+publish.py        stage a folder, then publish it atomically (also corpus, export, teacher cache)
 
-__all__ = ["TRAINER_FILE", "CheckpointError", "Checkpointer", "load_state", "verify_manifest"]
+The package imports nothing itself, so that `publish` stays light for its users (data/).
+"""

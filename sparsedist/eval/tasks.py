@@ -1,10 +1,10 @@
 """Zero-shot tasks through EleutherAI's lm-evaluation-harness (`lm_eval.simple_evaluate`).
 
 A plain exported directory runs as the harness's `hf` model on its local path
-(`pretrained=DIR`); a compressed directory or a checkpoint is first loaded back to a dense
-model by sparsedist and handed to the same class (`HFLM(pretrained=model)`). Tasks come from
-the harness's registry (their data fetched from the Hugging Face Hub on first use) or from
-`include_path`, a folder of task YAML files.
+(`pretrained=DIR`); a compressed directory is first loaded back to a dense model by sparsedist
+and handed to the same class (`HFLM(pretrained=model)`). Tasks come from the harness's registry
+(their data fetched from the Hugging Face Hub on first use) or from `include_path`, a folder of
+task YAML files. A checkpoint is exported first by the caller (`sparsedist.export.exported`).
 """
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ from typing import Any
 
 from sparsedist.eval.compress import is_compressed
 from sparsedist.eval.errors import EvalError
-from sparsedist.eval.load import is_checkpoint, load_model
+from sparsedist.eval.load import check_model_dir, load_model
 
 
 def run_tasks(path: Path, tasks: list[str], include_path: Path | None = None, limit: int | None = None,
               batch_size: int = 4, device: str = "cpu") -> dict[str, Any]:
-    """The harness's results (`results`, `versions`, `n-samples`, ...) of the model at `path`."""
+    """The harness's results (`results`, `versions`, `n-samples`, ...) of the model directory `path`."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    path = check_model_dir(path)
 
     manager = TaskManager(include_path=str(include_path), include_defaults=False) if include_path else None
     if manager is None or not set(tasks) <= set(manager.all_tasks):  # indexing the harness's own tasks takes ~10 s
@@ -30,7 +32,7 @@ def run_tasks(path: Path, tasks: list[str], include_path: Path | None = None, li
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise EvalError(f"unknown lm-eval task(s): {', '.join(unknown)}")
-    if is_checkpoint(path) or is_compressed(path):
+    if is_compressed(path):
         model, tokenizer = load_model(path, device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)

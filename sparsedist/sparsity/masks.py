@@ -11,6 +11,8 @@ import hashlib
 
 import torch
 
+from sparsedist_kernels.layout import packed_width
+
 _POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
 _BYTE_VALUES = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).float()  # [byte, bit j] as 0/1
 
@@ -78,11 +80,6 @@ def unpack_rows(bits: torch.Tensor, row: int, lo: int, hi: int, dtype: torch.dty
     first = lo // row
     rows = unpack_mask(bits[first: -(-hi // row)], row, dtype).reshape(-1)
     return rows[lo - first * row: hi - first * row]
-
-
-def packed_width(cols: int) -> int:
-    """Bytes per row of a packed mask."""
-    return (cols + 7) // 8
 
 
 def count_ones(bits: torch.Tensor) -> torch.Tensor:

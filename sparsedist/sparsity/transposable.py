@@ -6,25 +6,9 @@ block-local, so the result is exact on any shard made of whole groups of 4 rows.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
-
-def _transposable_patterns() -> torch.Tensor:
-    """The 4×4 0/1 patterns with two ones in every row and column, in lexicographic order.
-
-    Order: by row 0's pair of columns, then row 1's, ...; pairs ordered (0,1) < (0,2) < (0,3)
-    < (1,2) < (1,3) < (2,3). Equivalently, the row-major bit strings in decreasing order, so
-    earlier patterns keep earlier positions.
-    """
-    rows = [tuple(c in pair for c in range(4)) for pair in itertools.combinations(range(4), 2)]
-    patterns = torch.tensor(list(itertools.product(rows, repeat=4)))
-    return patterns[(patterns.sum(1) == 2).all(-1)]
-
-
-TRANSPOSABLE_PATTERNS = _transposable_patterns()
-"""[90, 4, 4] bool: the candidate patterns; ties in `transposable_mask` go to the lowest index."""
+from sparsedist_kernels.layout import TRANSPOSABLE_PATTERNS
 
 _BLOCKS_PER_MATMUL = 1 << 16  # bounds the float64 score buffer to 45 MiB
 

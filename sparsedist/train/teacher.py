@@ -8,8 +8,9 @@
   after. Device memory: one block at a time; host memory: the full teacher per rank.
 - `precomputed`: before the student exists, the teacher (placed as `sharded`) runs once over
   every micro-batch the run will train on and writes the top-k log-probabilities at the
-  distillation temperature, per rank and step, to disk; training reads them back. Device
-  memory: none during training; disk: k × 8 bytes per token.
+  distillation temperature, per rank and step, to disk (staged, then published as a whole
+  folder: `sparsedist.checkpoint.publish`); training reads them back. Device memory: none
+  during training; disk: k × 8 bytes per token.
 
 Every placement hands the loss the same thing for a micro-batch: the teacher's logits, or
 its top-k log-probabilities (`TopK`), which `distill_kl` accepts alike.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -26,12 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from sparsedist.checkpoint.publish import prepare, publish, staging_dir
 from sparsedist.config import Recipe
 from sparsedist.config.schema import ModelConfig
 from sparsedist.data import TokenBatches
 from sparsedist.models import FAMILIES, build_model
 from sparsedist.parallel import ParallelBackend
 from sparsedist.train.losses import TopK
+
+_CACHE_FILE = re.compile(r"step_\d{8}\.rank\d+\.pt|complete\.json")
 
 
 class Teacher:
@@ -143,7 +148,11 @@ def precompute_teacher(recipe: Recipe, config: PretrainedConfig, backend: Parall
     cache = recipe.distill.teacher.cache_dir
     if _complete(cache, recipe, backend):
         return
-    cache.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(cache)
+    staging = staging_dir(cache)  # the whole cache is published at the end, replacing the old one
+    if backend.runtime.is_main:
+        prepare(cache)
+    torch.distributed.barrier()
     k, temperature = recipe.distill.teacher.top_k, recipe.distill.temperature
     model = _sharded(recipe, config, backend)
     rank, device = backend.runtime.rank, backend.runtime.device
@@ -156,12 +165,13 @@ def precompute_teacher(recipe: Recipe, config: PretrainedConfig, backend: Parall
             indices.append(top.indices.to(torch.int32).cpu())
         backend.after_eval(model)
         torch.save({"logprobs": torch.stack(logprobs), "indices": torch.stack(indices)},
-                   _step_file(cache, step, rank))
+                   _step_file(staging, step, rank))
     del model
     gc.collect()
     torch.distributed.barrier()
     if backend.runtime.is_main:
-        (cache / "complete.json").write_text(json.dumps(_layout(recipe, backend)))
+        (staging / "complete.json").write_text(json.dumps(_layout(recipe, backend)))
+        publish(cache)
     torch.distributed.barrier()
 
 
@@ -176,6 +186,14 @@ def _layout(recipe: Recipe, backend: ParallelBackend) -> dict:
 def _complete(cache: Path, recipe: Recipe, backend: ParallelBackend) -> bool:
     marker = cache / "complete.json"
     return marker.is_file() and json.loads(marker.read_text()) == _layout(recipe, backend)
+
+
+def _check_replaceable(cache: Path) -> None:
+    """Refuse (on every rank) to replace a folder holding anything but a top-k cache's files."""
+    foreign = [p.name for p in cache.iterdir() if not _CACHE_FILE.fullmatch(p.name)] if cache.is_dir() else []
+    if foreign:
+        raise RuntimeError(f"distill.teacher.cache_dir: {cache} holds {foreign[0]}, which is not a top-k cache file; "
+                           "refusing to replace it")
 
 
 def _step_file(cache: Path, step: int, rank: int) -> Path:

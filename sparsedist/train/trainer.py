@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sparsedist.checkpoint import Checkpointer
+from sparsedist.checkpoint.checkpointer import Checkpointer
 from sparsedist.config import Recipe, recipe_hash
 from sparsedist.config.load import flatten
 from sparsedist.data import TokenBatches, eval_batches, load_tokenizer, prepare_dataset

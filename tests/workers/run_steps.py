@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sparsedist.checkpoint import load_state
+from sparsedist.checkpoint.checkpointer import load_state
 from sparsedist.config import load_recipe
 from sparsedist.parallel import init_runtime, shutdown
 from sparsedist.train.trainer import Trainer
