@@ -1,4 +1,5 @@
-"""The parallel layer: process group, and the backends that shard a model (FSDP2, or none)."""
+"""The parallel layer: process group, and the backends that shard a model (none, FSDP2; DeepSpeed ZeRO in
+zero.py, imported only when a recipe asks for it)."""
 
 from sparsedist.parallel.backend import FSDP2Backend, ParallelBackend, make_backend
 from sparsedist.parallel.runtime import Runtime, init_runtime, shutdown

@@ -1,1 +1,1 @@
-"""Training: the loop (trainer), the student it builds, its optimizer and schedule, losses and evaluation."""
+"""Training: the loop (trainer), one optimizer step (step), the schedule, losses, teacher and evaluation."""
