@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from sparsedist.config import Recipe, RecipeError, load_recipe, recipe_hash
+from sparsedist.config import Recipe, load_recipe, recipe_hash
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,16 +101,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm_render(args: argparse.Namespace) -> int:
-    from sparsedist_launch.slurm import Job, SlurmError, render
+    from sparsedist_launch.slurm import Job, render
 
     job = Job(Path(args.recipe), args.overrides, args.nodes, args.gpus_per_node, args.procs_per_node,
               args.cpus_per_node, args.partition, args.time, args.array, args.sweep, args.signal_seconds, args.sbatch,
               args.max_restarts)
-    try:
-        script = render(job)
-    except SlurmError as err:
-        print(f"sparsedist slurm render: {err}", file=sys.stderr)
-        return 2
+    script = render(job)
     if args.out is None:
         sys.stdout.write(script)
         return 0
@@ -415,23 +411,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_libraries()
-    from sparsedist.checkpoint import CheckpointError
-    from sparsedist.eval.errors import EvalError
-    from sparsedist.export import ExportError
-    from sparsedist.parallel.backend import NonFiniteError
-    from sparsedist.scaling import ScalingError
+    from sparsedist.errors import SparsedistError
 
     try:
         return args.func(args)
-    except RecipeError as err:
-        print(f"sparsedist: recipe error: {err}", file=sys.stderr)
-        return 2
-    except ExportError as err:
-        print(f"sparsedist: export refused: {err}", file=sys.stderr)
-        return 1
-    except (ScalingError, CheckpointError, EvalError, NonFiniteError) as err:
-        print(f"sparsedist: {err}", file=sys.stderr)
-        return 1
+    except SparsedistError as err:
+        print(f"{err.prefix}: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

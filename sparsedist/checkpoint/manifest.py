@@ -18,8 +18,7 @@ MANIFEST_FILE = "manifest.json"
 _CHUNK = 16 * 2**20
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint's files do not match its manifest."""
+from sparsedist.errors import CheckpointError  # noqa: E402, F401
 
 
 def _files(path: Path, skip: tuple[str, ...]) -> list[str]:

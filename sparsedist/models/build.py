@@ -9,11 +9,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from sparsedist.config.schema import ModelConfig
+from sparsedist.errors import ModelConfigError
 from sparsedist.models.families import FAMILIES, Family, conv1d_to_linear, linear_to_conv1d_state
-
-
-class ModelConfigError(ValueError):
-    """The model section does not describe a model this recipe can train."""
 
 
 def model_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int) -> PretrainedConfig:

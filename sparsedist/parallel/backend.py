@@ -41,8 +41,7 @@ if TYPE_CHECKING:
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class NonFiniteError(RuntimeError):
-    """Training met non-finite values it may not go on with."""
+from sparsedist.errors import NonFiniteError  # noqa: E402, F401
 
 
 @dataclass
