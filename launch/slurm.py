@@ -20,8 +20,8 @@ from pathlib import Path
 from string import Template
 
 from sparsedist.config import load_recipe
-from sparsedist.config.check import check_recipe
 from sparsedist.errors import SlurmError
+from sparsedist.preflight import check_recipe
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "job.sbatch.in"
 SAFE = re.compile(r"[\w.,:@+=/-]+")  # a value fit for an #SBATCH line: no blanks, quotes or newlines

@@ -53,7 +53,7 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_checked(path: str, overrides: list[str]) -> Recipe:
-    from sparsedist.config.check import check_recipe
+    from sparsedist.preflight import check_recipe
 
     recipe = load_recipe(path, overrides)
     check_recipe(recipe)
@@ -61,29 +61,41 @@ def _load_checked(path: str, overrides: list[str]) -> Recipe:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from sparsedist.config.check import check_recipe
+    from sparsedist.preflight import check_recipe, deferred_line
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summary = check_recipe(recipe)
+    summary = check_recipe(recipe, defer=True)
     details = ", ".join(f"{k}={v:,}" for k, v in summary.items())
     print(f"ok: {recipe.name} ({recipe_hash(recipe)}): {details}")
+    _print_deferred(deferred_line(recipe))
     return 0
+
+
+def _print_deferred(line: str | None) -> None:
+    if line:
+        print(line)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from sparsedist.plan import GIB, Cluster, format_plan, make_plan
+    from sparsedist.preflight import deferred_line
 
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib * GIB, args.peak_tflops * 1e12, args.mfu,
                       args.tokens_per_second)
-    plan = make_plan(load_recipe(args.recipe, args.overrides), cluster)
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = make_plan(recipe, cluster)
     print(format_plan(plan, cluster))
+    _print_deferred(deferred_line(recipe))
     return 0 if plan.fits else 3
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sparsedist.preflight import check_world_size
     from sparsedist.train.trainer import run_training
 
-    run_training(_load_checked(args.recipe, args.overrides))
+    recipe = _load_checked(args.recipe, args.overrides)
+    check_world_size(recipe, int(os.environ.get("WORLD_SIZE", 1)))
+    run_training(recipe)
     return 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sparsedist.config import RecipeError, load_recipe
-from sparsedist.config.check import check_recipe
+from sparsedist.preflight import check_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO = REPO / "tests" / "recipes" / "micro.yaml"

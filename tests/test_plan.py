@@ -9,8 +9,8 @@ import pytest
 
 from conftest import REPO
 from sparsedist.config import RecipeError, load_recipe
-from sparsedist.config.check import check_recipe
 from sparsedist.plan import GIB, Cluster, make_plan
+from sparsedist.preflight import check_recipe
 
 TINY = REPO / "recipes" / "tiny" / "cast.yaml"
 SCRATCH = ["model.pretrained=null", "distill.weight=0"]

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-from sparsedist.errors import NonFiniteError  # noqa: E402, F401
+from sparsedist.errors import NonFiniteError, RecipeError  # noqa: E402, F401
 
 
 @dataclass
@@ -299,7 +299,7 @@ def make_backend(recipe: Recipe, runtime: Runtime) -> ParallelBackend:
     """The backend the recipe names, checked against the launched world size."""
     cfg = recipe.parallel
     if runtime.world_size != cfg.world_size:
-        raise RuntimeError(
+        raise RecipeError(
             f"parallel: the recipe expects {cfg.world_size} processes (nnodes × nproc_per_node) "
             f"but {runtime.world_size} were launched"
         )
