@@ -20,7 +20,8 @@ from pathlib import Path
 from string import Template
 
 from sparsedist.config import load_recipe
-from sparsedist.config.check import check_recipe
+from sparsedist.errors import SlurmError
+from sparsedist.preflight import check_recipe
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "job.sbatch.in"
 SAFE = re.compile(r"[\w.,:@+=/-]+")  # a value fit for an #SBATCH line: no blanks, quotes or newlines
@@ -28,10 +29,6 @@ TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE")
 RANGE = r"\d+(-\d+(:\d+)?)?"
 ARRAY = re.compile(rf"{RANGE}(,{RANGE})*(%\d+)?")
 OPTION = re.compile(r"--[a-z][a-z-]*(=[\w.,:@+=/-]+)?")
-
-
-class SlurmError(ValueError):
-    """A render option Slurm or the script cannot take; the message is one line."""
 
 
 @dataclass

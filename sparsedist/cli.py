@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from sparsedist.config import Recipe, RecipeError, load_recipe, recipe_hash
+from sparsedist.config import Recipe, load_recipe, recipe_hash
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +53,7 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_checked(path: str, overrides: list[str]) -> Recipe:
-    from sparsedist.config.check import check_recipe
+    from sparsedist.preflight import check_recipe
 
     recipe = load_recipe(path, overrides)
     check_recipe(recipe)
@@ -61,29 +61,41 @@ def _load_checked(path: str, overrides: list[str]) -> Recipe:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from sparsedist.config.check import check_recipe
+    from sparsedist.preflight import check_recipe, deferred_line
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summary = check_recipe(recipe)
+    summary = check_recipe(recipe, defer=True)
     details = ", ".join(f"{k}={v:,}" for k, v in summary.items())
     print(f"ok: {recipe.name} ({recipe_hash(recipe)}): {details}")
+    _print_deferred(deferred_line(recipe))
     return 0
+
+
+def _print_deferred(line: str | None) -> None:
+    if line:
+        print(line)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from sparsedist.plan import GIB, Cluster, format_plan, make_plan
+    from sparsedist.preflight import deferred_line
 
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib * GIB, args.peak_tflops * 1e12, args.mfu,
                       args.tokens_per_second)
-    plan = make_plan(load_recipe(args.recipe, args.overrides), cluster)
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = make_plan(recipe, cluster)
     print(format_plan(plan, cluster))
+    _print_deferred(deferred_line(recipe))
     return 0 if plan.fits else 3
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sparsedist.preflight import check_world_size
     from sparsedist.train.trainer import run_training
 
-    run_training(_load_checked(args.recipe, args.overrides))
+    recipe = _load_checked(args.recipe, args.overrides)
+    check_world_size(recipe, int(os.environ.get("WORLD_SIZE", 1)))
+    run_training(recipe)
     return 0
 
 
@@ -101,16 +113,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm_render(args: argparse.Namespace) -> int:
-    from sparsedist_launch.slurm import Job, SlurmError, render
+    from sparsedist_launch.slurm import Job, render
 
     job = Job(Path(args.recipe), args.overrides, args.nodes, args.gpus_per_node, args.procs_per_node,
               args.cpus_per_node, args.partition, args.time, args.array, args.sweep, args.signal_seconds, args.sbatch,
               args.max_restarts)
-    try:
-        script = render(job)
-    except SlurmError as err:
-        print(f"sparsedist slurm render: {err}", file=sys.stderr)
-        return 2
+    script = render(job)
     if args.out is None:
         sys.stdout.write(script)
         return 0
@@ -419,22 +427,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_libraries()
-    from sparsedist.errors import CheckpointError, NonFiniteError
-    from sparsedist.eval.errors import EvalError
-    from sparsedist.export import ExportError
-    from sparsedist.scaling import ScalingError
+    from sparsedist.errors import SparsedistError
 
     try:
         return args.func(args)
-    except RecipeError as err:
-        print(f"sparsedist: recipe error: {err}", file=sys.stderr)
-        return 2
-    except ExportError as err:
-        print(f"sparsedist: export refused: {err}", file=sys.stderr)
-        return 1
-    except (ScalingError, CheckpointError, EvalError, NonFiniteError) as err:
-        print(f"sparsedist: {err}", file=sys.stderr)
-        return 1
+    except SparsedistError as err:
+        print(f"{err.prefix}: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

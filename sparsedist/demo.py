@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsedist.config import Recipe, load_recipe
-from sparsedist.config.check import check_recipe
 from sparsedist.data import prepare_dataset
+from sparsedist.preflight import check_recipe
 from sparsedist.tracking.mlflow_run import tracking_uri
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "tiny"

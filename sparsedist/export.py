@@ -42,8 +42,7 @@ FOLDED = (".scale", ".beta")
 """Method parameters `finalize` folds into the weights, leaving ones."""
 
 
-class ExportError(ValueError):
-    """The model is not what the run claims to deliver."""
+from sparsedist.errors import ExportError  # noqa: E402, F401
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparsedist.config.check import meta_model
-from sparsedist.config.load import RecipeError
 from sparsedist.config.schema import Recipe
+from sparsedist.errors import RecipeError
 from sparsedist.models import FAMILIES, count_parameters
+from sparsedist.preflight import meta_model
 
 GIB = 2**30
 HEADROOM = 0.9

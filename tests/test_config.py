@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sparsedist.config import RecipeError, load_recipe
-from sparsedist.config.check import check_recipe
+from sparsedist.preflight import check_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO = REPO / "tests" / "recipes" / "micro.yaml"
@@ -169,3 +170,103 @@ def test_every_schema_key_is_documented():
         assert classes or f"`{section}`" in docs, section
         for key in {key for cls in classes for key in cls.model_fields}:
             assert f"`{section}.{key}`" in docs, f"{section}.{key}"
+
+
+def _unbounded(annotation, metadata, where: str) -> list[str]:
+    """Numeric fields (int/float, in tuples and unions too) under `annotation` with no bound in their metadata."""
+    import typing
+
+    import annotated_types
+    from pydantic import BaseModel
+    from pydantic.fields import FieldInfo
+
+    def bounded(meta) -> bool:
+        return any(isinstance(m, (annotated_types.Gt, annotated_types.Ge, annotated_types.Lt, annotated_types.Le))
+                   or isinstance(m, FieldInfo) and bounded(m.metadata) for m in meta)
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _unbounded(args[0], [*metadata, *args[1:]], where)
+    if annotation in (int, float):
+        return [] if bounded(metadata) else [where]
+    if origin in (typing.Literal, dict):  # fixed choices; free-form mappings (model.config) are checked by building
+        return []
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [bad for key, field in annotation.model_fields.items()
+                for bad in _unbounded(field.annotation, field.metadata, f"{where}.{key}".lstrip("."))]
+    if origin is tuple:
+        items = [(i, arg) for i, arg in enumerate(args) if arg is not Ellipsis]
+        return [bad for i, arg in items for bad in _unbounded(arg, [], f"{where}[{i}]")]
+    return [bad for arg in args for bad in _unbounded(arg, metadata, where)]  # unions, Optional
+
+
+def test_every_numeric_key_has_a_range():
+    from sparsedist.config.schema import Recipe
+
+    assert _unbounded(float, [], "x") == ["x"]  # the walk sees an unbounded number
+    assert _unbounded(tuple[float, float], [], "x") == ["x[0]", "x[1]"]
+    assert _unbounded(Recipe, [], "") == []
+
+
+@pytest.mark.parametrize("command", ["validate", "launch"])
+def test_out_of_range_betas_are_refused_before_anything_starts(tmp_path, command):
+    extra = ["--nproc", "2", "parallel.backend=fsdp2", "train.micro_batch=2"] if command == "launch" else []
+    cmd = [sys.executable, "-m", "sparsedist", command, str(MICRO), *extra, "optim.betas=[1.5,0.9]",
+           f"data.dir={tmp_path / 'data'}", f"train.output_dir={tmp_path / 'out'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "sparsedist: recipe error: optim.betas.0: Input should be less than 1 (got 1.5)"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_train_refuses_a_world_size_it_was_not_launched_with(tmp_path, monkeypatch, capsys):
+    from sparsedist.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    status = main(["train", str(MICRO), "parallel.backend=fsdp2", "parallel.nproc_per_node=2", "train.micro_batch=2",
+                   f"train.output_dir={tmp_path / 'out'}"])
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "sparsedist: recipe error: parallel: the recipe expects 2 processes (nnodes × nproc_per_node) but 1 were "
+        "launched; start it with `sparsedist launch`"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_before_the_weights_exist_names_the_deferred_checks(tmp_path, monkeypatch, capsys):
+    from sparsedist.cli import main
+
+    monkeypatch.chdir(tmp_path)  # models/llama-2-7b and the data are not here
+    assert main(["validate", str(REPO / "recipes" / "llama" / "cast-llama2-7b.yaml")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok: llama2-7b-cast (") and "params=6,741,135,360" in out[0]
+    assert out[1].startswith("deferred until models/llama-2-7b and ")
+    assert "the weights' config.json against model.config, the tokenizer" in out[1]
+    with pytest.raises(RecipeError, match="model.pretrained: models/llama-2-7b holds no config.json"):
+        check_recipe(load_recipe(REPO / "recipes" / "llama" / "cast-llama2-7b.yaml"))  # train and launch need it
+
+
+def test_a_pretrained_config_that_disagrees_with_the_recipe_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    sizes = load_recipe(MICRO).model.config
+    LlamaConfig(**{**sizes, "hidden_size": 64, "vocab_size": 8192}).save_pretrained(tmp_path)
+    message = f"model.config.hidden_size: 32, but {tmp_path}/config.json has 64"
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        check_recipe(load_recipe(MICRO, [f"model.pretrained={tmp_path}"]))
+    LlamaConfig(**{**sizes, "vocab_size": 8192}).save_pretrained(tmp_path)
+    assert check_recipe(load_recipe(MICRO, [f"model.pretrained={tmp_path}"]))["params"] > 0
+
+
+def test_every_error_is_one_class_of_sparsedist_errors():
+    from sparsedist import errors
+    from sparsedist.checkpoint import CheckpointError
+    from sparsedist.eval.errors import EvalError
+    from sparsedist.export import ExportError
+    from sparsedist.models import ModelConfigError
+    from sparsedist.parallel.backend import NonFiniteError
+    from sparsedist.scaling import ScalingError
+
+    for cls in (CheckpointError, EvalError, ExportError, ModelConfigError, NonFiniteError, ScalingError, RecipeError):
+        assert cls is getattr(errors, cls.__name__) and issubclass(cls, errors.SparsedistError)
+    assert (RecipeError.exit_code, ModelConfigError.exit_code, ExportError.exit_code) == (2, 2, 1)

@@ -26,13 +26,15 @@ def modules() -> dict[str, Path]:
 
 
 def imports(name: str, file: Path, known: set[str]) -> set[str]:
-    """The project modules `name` imports (a package's `from . import x` counts as the submodule if it is one)."""
+    """The project modules `name` imports: `from package import x` counts as the submodule x where x is one
+    (Python runs the package's __init__ first for any submodule; that implicit step is not an edge)."""
     out = set()
     for node in ast.walk(ast.parse(file.read_text())):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            targets = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+            targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                       for alias in node.names]
         else:
             continue
         for target in targets:

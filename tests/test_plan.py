@@ -9,8 +9,8 @@ import pytest
 
 from conftest import REPO
 from sparsedist.config import RecipeError, load_recipe
-from sparsedist.config.check import check_recipe
 from sparsedist.plan import GIB, Cluster, make_plan
+from sparsedist.preflight import check_recipe
 
 TINY = REPO / "recipes" / "tiny" / "cast.yaml"
 SCRATCH = ["model.pretrained=null", "distill.weight=0"]
@@ -65,3 +65,15 @@ def test_nominal_size_and_batch_geometry_are_checked():
     assert plan([*SCRATCH, "model.nominal_params=3.0e6"]).fits
     with pytest.raises(RecipeError, match="train.global_batch: 16 is not divisible by 4 GPUs × train.micro_batch 8"):
         plan(SCRATCH, nodes=2, gpus=2)
+
+
+def test_plan_before_the_weights_exist(tmp_path):
+    """The 7B recipe states LLaMA-2-7B's published sizes; plan uses them while models/llama-2-7b is absent."""
+    done = subprocess.run([sys.executable, "-m", "sparsedist", "plan", str(REPO / "recipes/llama/cast-llama2-7b.yaml"),
+                           "--nodes", "8", "--gpus-per-node", "8"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("model: 6,741.1M trainable parameters (6,738.4M dense")
+    assert lines[-1].startswith("deferred until models/llama-2-7b ")
+    assert "the weights' config.json against model.config" in lines[-1]

@@ -13,10 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from sparsedist.config.schema import Recipe
 from sparsedist.config.sparsity import METHOD_CONFIGS
-
-
-class RecipeError(ValueError):
-    """An invalid recipe or override; its message is one line that names the key."""
+from sparsedist.errors import RecipeError
 
 
 class _Loader(yaml.SafeLoader):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from sparsedist.config.sparsity import METHOD_CONFIGS, SparsityConfig
 
@@ -92,6 +92,7 @@ class ParallelConfig(Section):
     """deepspeed: keep the optimizer state and step on the CPU (ZeRO-Offload)."""
     deepspeed_config: Path | None = None
     """deepspeed: a JSON file merged over the configuration generated from the recipe."""
+    _deepspeed_overrides: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @property
     def world_size(self) -> int:
@@ -99,8 +100,8 @@ class ParallelConfig(Section):
 
     @property
     def deepspeed_overrides(self) -> dict[str, Any]:
-        """The user's DeepSpeed JSON (empty without one)."""
-        return {} if self.deepspeed_config is None else json.loads(self.deepspeed_config.read_text())
+        """The JSON object of `deepspeed_config`, read once when the recipe was validated ({} without one)."""
+        return self._deepspeed_overrides
 
     @model_validator(mode="after")
     def _single_process_without_backend(self) -> ParallelConfig:
@@ -119,6 +120,7 @@ class ParallelConfig(Section):
                 raise ValueError(f"parallel.deepspeed_config: {self.deepspeed_config} is not JSON ({err})") from None
             if not isinstance(override, dict):
                 raise ValueError(f"parallel.deepspeed_config: {self.deepspeed_config} holds no JSON object")
+            self._deepspeed_overrides = override
         return self
 
 
@@ -130,11 +132,15 @@ class PrecisionConfig(Section):
     `torch._scaled_mm` on CUDA compute capability 8.9+, an exact emulation elsewhere."""
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class OptimConfig(Section):
     """AdamW on fp32 master weights."""
 
     lr: float = Field(3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    """Adam's decay rates of the first and second moments, each in [0, 1)."""
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
@@ -157,7 +163,8 @@ class TrainConfig(Section):
     """Sequences per optimizer step, over all ranks and micro-batches."""
     micro_batch: int = Field(gt=0)
     """Sequences per forward/backward on one rank."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seeds model initialisation, data order and sampling (numpy takes seeds below 2³²)."""
     output_dir: Path | None = None
     """Checkpoints, exported model and logs; default runs/<name>."""
     log_interval: int = Field(10, gt=0)

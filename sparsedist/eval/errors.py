@@ -1,5 +1,5 @@
-"""The error every evaluation and compression command reports in one line."""
+"""The error every evaluation and compression command reports in one line (defined in sparsedist.errors)."""
 
+from sparsedist.errors import EvalError
 
-class EvalError(ValueError):
-    """A model, a data source or a request that evaluation or compression cannot use."""
+__all__ = ["EvalError"]

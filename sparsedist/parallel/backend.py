@@ -29,8 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from sparsedist.config.schema import ParallelConfig, Recipe
-from sparsedist.errors import RecipeError
+from sparsedist.config.schema import ParallelConfig
 from sparsedist.parallel.runtime import Runtime
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -312,19 +311,6 @@ class FSDP2Backend(ParallelBackend):
     def after_eval(self, model: nn.Module) -> None:
         assert isinstance(model, FSDPModule)
         model.reshard()
-
-
-def make_backend(recipe: Recipe, runtime: Runtime) -> ParallelBackend:
-    """The backend the recipe names, checked against the launched world size."""
-    cfg = recipe.parallel
-    if runtime.world_size != cfg.world_size:
-        raise RecipeError(f"parallel: the recipe expects {cfg.world_size} processes (nnodes × nproc_per_node) "
-                          f"but {runtime.world_size} were launched")
-    if cfg.backend == "deepspeed":
-        from sparsedist.parallel.zero import make_zero_backend  # imports deepspeed: only when asked for
-
-        return make_zero_backend(recipe, runtime)
-    return FSDP2Backend(cfg, runtime) if cfg.backend == "fsdp2" else ParallelBackend(cfg, runtime)
 
 
 def persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

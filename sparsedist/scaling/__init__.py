@@ -4,6 +4,6 @@
 a held-out budget, `plot` draws the fit. Submodules are imported on use: this module stays cheap for the CLI.
 """
 
+from sparsedist.errors import ScalingError
 
-class ScalingError(ValueError):
-    """A problem with the runs or the fit, reported as one line by the CLI."""
+__all__ = ["ScalingError"]

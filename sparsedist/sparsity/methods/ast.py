@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparsedist.config import sparsity as configs
+from sparsedist.errors import RecipeError
 from sparsedist.sparsity.layer import SparseLinear
 from sparsedist.sparsity.masks import pruned_values
 from sparsedist.sparsity.methods.moment import MomentAdamMethod
@@ -42,7 +43,7 @@ class AST(MomentAdamMethod):
     def extend(self, layer: SparseLinear) -> None:
         if self.cfg.slorb:
             if layer.in_features % self.cfg.slorb_k:
-                raise ValueError(f"sparsity.slorb_k: {layer.in_features} inputs are not a multiple of "
+                raise RecipeError(f"sparsity.slorb_k: {layer.in_features} inputs are not a multiple of "
                                  f"{self.cfg.slorb_k}")
             layer.branch = SLoRB(layer.in_features, layer.out_features, self.cfg.slorb_k, layer.weight.device)
 

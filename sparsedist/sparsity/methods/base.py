@@ -27,6 +27,7 @@ from torch import nn
 
 from sparsedist.config.schema import OptimConfig
 from sparsedist.config.sparsity import SparsityConfig
+from sparsedist.errors import RecipeError
 from sparsedist.models.families import Family
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.sparsity.layer import SparseLinear, dense_weight
@@ -43,7 +44,7 @@ def target_linears(model: nn.Module, family: Family, cfg: SparsityConfig) -> lis
             linear = block.get_submodule(name)
             full_name = f"{family.blocks_path}.{index}.{name}"
             if linear.in_features % cfg.m:
-                raise ValueError(
+                raise RecipeError(
                     f"sparsity.m: {full_name} has {linear.in_features} inputs, not a multiple of {cfg.m}"
                 )
             found.append((full_name, linear))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sparsedist.config import sparsity as configs
+from sparsedist.errors import RecipeError
 from sparsedist.sparsity.layer import SparseLinear
 from sparsedist.sparsity.methods.moment import MomentAdamMethod
 
@@ -46,7 +47,7 @@ class CAST(MomentAdamMethod):
     def extend(self, layer: SparseLinear) -> None:
         segments = self.cfg.scale_segments
         if layer.in_features % segments or (layer.in_features // segments) % self.cfg.m:
-            raise ValueError(f"sparsity.scale_segments: {layer.in_features} inputs do not split into {segments} "
+            raise RecipeError(f"sparsity.scale_segments: {layer.in_features} inputs do not split into {segments} "
                              f"segments of whole groups of {self.cfg.m}")
         layer.scale = nn.Parameter(torch.ones(layer.out_features, segments, device=layer.weight.device))
 
