@@ -163,7 +163,7 @@ def _eval_device(args: argparse.Namespace) -> str:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     import json
 
-    from sparsedist.eval.errors import EvalError
+    from sparsedist.errors import EvalError
     from sparsedist.eval.load import load_model
     from sparsedist.eval.perplexity import check_tokenizer, model_seq_len, perplexity, split_stream, text_stream
     from sparsedist.export import exported

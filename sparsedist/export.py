@@ -33,6 +33,7 @@ from sparsedist.config import Recipe
 from sparsedist.config.load import validate_recipe
 from sparsedist.config.schema import ParallelConfig
 from sparsedist.data import load_tokenizer
+from sparsedist.errors import ExportError
 from sparsedist.models import FAMILIES, Family, export_pretrained, model_config
 from sparsedist.parallel import ParallelBackend, init_runtime, shutdown
 from sparsedist.sparsity.masks import nm_violations
@@ -42,7 +43,6 @@ FOLDED = (".scale", ".beta")
 """Method parameters `finalize` folds into the weights, leaving ones."""
 
 
-from sparsedist.errors import ExportError  # noqa: E402, F401
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from sparsedist import cli
 from sparsedist.config import RecipeError, load_recipe
 
 V = ["validate", str(MICRO)]
+T = ["train", str(MICRO)]  # validate defers inputs not downloaded yet (test_config); train and launch do not
+L = ["launch", str(MICRO)]
 CASES = [  # (command line, what its one-line error must say)
     ([*V, "train.stepz=5"], "unknown key train.stepz"),
     ([*V, "nosection.x=1"], "unknown key nosection"),
@@ -55,16 +57,16 @@ CASES = [  # (command line, what its one-line error must say)
     ([*V, "distill.weight=1.5"], "distill.weight: Input should be less than or equal to 1"),
     ([*V, "distill.temperature=0"], "distill.temperature: Input should be greater than 0"),
     ([*V, "distill.weight=0.5"], "distill.teacher.path: 'self' needs model.pretrained"),
-    ([*V, "distill={weight: 0.5, teacher: {path: /nonexistent/teacher}}"],
+    ([*T, "distill={weight: 0.5, teacher: {path: /nonexistent/teacher}}"],
      "distill.teacher.path: /nonexistent/teacher holds no config.json"),
     ([*V, "distill={weight: 0.5, teacher: {path: TEACHER}}"], "has vocabulary 999, the student 8192"),
-    ([*V, "model.pretrained=/nonexistent/model"], "model.pretrained: /nonexistent/model holds no config.json"),
+    ([*L, "model.pretrained=/nonexistent/model"], "model.pretrained: /nonexistent/model holds no config.json"),
     ([*V, "model.family=bert"], "model.family: Input should be 'llama', 'opt' or 'gpt2'"),
     ([*V, "model.config.hidden_sizee=3"], "model.config.hidden_sizee: not a LlamaConfig setting"),
     ([*V, "data.seq_len=1000"], "data.seq_len: 1000 exceeds the model's max_position_embeddings (64)"),
     ([*V, "data.vocab_size=-1"], "data.vocab_size: Input should be greater than 0"),
-    ([*V, "data.source=/nonexistent/*.txt"], "data.source: no .txt, .json or .jsonl files match '/nonexistent/*.txt'"),
-    ([*V, "data.tokenizer=/nonexistent/tok"], "data.tokenizer: /nonexistent/tok holds no tokenizer.json"),
+    ([*T, "data.source=/nonexistent/*.txt"], "data.source: no .txt, .json or .jsonl files match '/nonexistent/*.txt'"),
+    ([*L, "data.tokenizer=/nonexistent/tok"], "data.tokenizer: /nonexistent/tok holds no tokenizer.json"),
     ([*V, "checkpoint.resume=/nonexistent/step_00000001"], "checkpoint.resume: /nonexistent/step_00000001 is not"),
     ([*V, "checkpoint.keep=0"], "checkpoint.keep: Input should be greater than 0"),
     ([*V, "schedule.warmup_steps=99"], "schedule.warmup_steps: 99 exceeds train.steps (6)"),

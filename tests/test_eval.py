@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from conftest import REPO, run, train
 from sparsedist.cli import main
 from sparsedist.data import load_tokenizer, prepare_text_source
+from sparsedist.errors import EvalError
 from sparsedist.eval.compress import compress_dir
-from sparsedist.eval.errors import EvalError
 from sparsedist.eval.load import load_model
 from sparsedist.eval.perplexity import perplexity, split_stream
 from sparsedist.eval.quantize import load_quantized, quantize_model_

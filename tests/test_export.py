@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 from conftest import metric_history, run, train
 from sparsedist.config.schema import ParallelConfig
 from sparsedist.data import eval_batches
-from sparsedist.export import ExportError, verify_nm
+from sparsedist.errors import ExportError
+from sparsedist.export import verify_nm
 from sparsedist.parallel.backend import ParallelBackend
 from sparsedist.parallel.runtime import Runtime
 from sparsedist.train.evaluate import evaluate

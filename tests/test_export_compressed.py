@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from sparsedist.errors import EvalError
 from sparsedist.eval.compress import (
     compress24,
     compress_dir,
@@ -17,7 +18,6 @@ from sparsedist.eval.compress import (
     is_24,
     load_compressed,
 )
-from sparsedist.eval.errors import EvalError
 from sparsedist.eval.quantize import (
     load_quantized,
     pack_int4,

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO
 from sparsedist import cli
-from sparsedist.scaling import ScalingError
+from sparsedist.errors import ScalingError
 from sparsedist.scaling.fit import fit_law
 from sparsedist.scaling.laws import get_law
 from sparsedist.scaling.points import datasets

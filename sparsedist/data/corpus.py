@@ -38,6 +38,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from transformers import PreTrainedTokenizerFast
 
+from sparsedist.errors import RecipeError
 from sparsedist.checkpoint.publish import recover, sha256_file, staged
 from sparsedist.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -89,7 +90,7 @@ def prepare_dataset(config: DataConfig, seed: int) -> Path:
     """Prepare the data section of a recipe: the embedded corpus or a text source, into `config.dir`."""
     if config.source == "embedded":
         if config.tokenizer is not None:
-            raise ValueError("data.tokenizer: the embedded corpus trains its own tokenizer; leave it unset")
+            raise RecipeError("data.tokenizer: the embedded corpus trains its own tokenizer; leave it unset")
         return prepare_embedded(config.dir, config.vocab_size)
     return prepare_text_source(
         config.source, config.dir, config.tokenizer, config.vocab_size, config.valid_fraction, seed
@@ -100,7 +101,7 @@ def check_source(config: DataConfig) -> None:
     """Raise ValueError naming the key when the local files a preparation of `config` reads are missing
     (a source already prepared into `config.dir` needs none; hub and embedded sources are fetched)."""
     if config.tokenizer is not None and not (config.tokenizer / "tokenizer.json").is_file():
-        raise ValueError(f"data.tokenizer: {config.tokenizer} holds no tokenizer.json")
+        raise RecipeError(f"data.tokenizer: {config.tokenizer} holds no tokenizer.json")
     manifest = config.dir / MANIFEST
     prepared = manifest.is_file() and json.loads(manifest.read_text()).get("request", {}).get("source") == config.source
     if config.source == "embedded" or config.source.startswith("hf:") or prepared:
@@ -108,7 +109,7 @@ def check_source(config: DataConfig) -> None:
     try:
         _expand(config.source)
     except FileNotFoundError as err:
-        raise ValueError(f"data.source: {err}") from None
+        raise RecipeError(f"data.source: {err}") from None
 
 
 def prepare_embedded(out_dir: Path, vocab_size: int = 8192) -> Path:

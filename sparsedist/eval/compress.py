@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from sparsedist.eval.errors import EvalError
+from sparsedist.errors import EvalError
 from sparsedist.models import FAMILIES, Family
 from sparsedist.sparsity.masks import nm_violations, pack_mask, unpack_mask
 

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from sparsedist.checkpoint.checkpointer import TRAINER_FILE
 from sparsedist.data import load_tokenizer
+from sparsedist.errors import EvalError
 from sparsedist.eval.compress import is_compressed, load_compressed
-from sparsedist.eval.errors import EvalError
 
 
 def is_checkpoint(path: Path) -> bool:

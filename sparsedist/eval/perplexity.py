@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from sparsedist.data import load_tokenizer
-from sparsedist.eval.errors import EvalError
+from sparsedist.errors import EvalError
 from sparsedist.models import FAMILIES
 
 

@@ -29,8 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from sparsedist.errors import EvalError
 from sparsedist.eval.compress import block_linears, compress24, decompress24, is_24
-from sparsedist.eval.errors import EvalError
 from sparsedist.models import Family
 
 BITS = {"int8": 8, "int4": 4}

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sparsedist.errors import EvalError
 from sparsedist.eval.compress import is_compressed
-from sparsedist.eval.errors import EvalError
 from sparsedist.eval.load import check_model_dir, load_model
 
 

@@ -30,6 +30,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from sparsedist.config.schema import ParallelConfig
+from sparsedist.errors import CheckpointError
 from sparsedist.parallel.runtime import Runtime
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -250,7 +251,8 @@ class ParallelBackend:
         """Set every parameter and persistent buffer not in `skip` from the full values a piece checkpoint
         holds (all ranks call); the optimizer's state from it where the backend saves pieces."""
         if optimizer is not None:
-            raise RuntimeError(f"parallel.backend: {self.cfg.backend} resumes training from DCP checkpoints only")
+            raise CheckpointError(f"checkpoint.resume: a piece checkpoint (DeepSpeed) resumes training under "
+                                  f"parallel.backend deepspeed only, not {self.cfg.backend}")
         module = self.module(model)
         for name, param in module.named_parameters():
             if name not in skip:

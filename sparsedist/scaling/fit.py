@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from sparsedist.scaling import ScalingError
+from sparsedist.errors import ScalingError
 from sparsedist.scaling.laws import Law, get_law
 from sparsedist.scaling.points import Points
 

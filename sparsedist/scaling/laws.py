@@ -19,7 +19,7 @@ from itertools import product
 
 import numpy as np
 
-from sparsedist.scaling import ScalingError
+from sparsedist.errors import ScalingError
 
 Array = np.ndarray
 EXPONENT = (0.01, 3.0)  # bounds of every exponent

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsedist.scaling import ScalingError
+from sparsedist.errors import ScalingError
 from sparsedist.scaling.laws import Law
 from sparsedist.scaling.runs import RunRecord, dense_match
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsedist.scaling import ScalingError
+from sparsedist.errors import ScalingError
 
 REQUIRED_TAGS = ("method", "model_family", "params", "tokens", "flops")
 REQUIRED_PARAMS = ("train.global_batch", "data.seq_len")

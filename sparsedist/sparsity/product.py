@@ -45,7 +45,7 @@ def _mvue(grad: torch.Tensor) -> torch.Tensor:
     """MVUE24 along the last dim: the Triton kernel on CUDA (Philox stream seeded from torch's
     generator), the torch reference elsewhere."""
     if grad.is_cuda:
-        from sparsedist_kernels import mvue24 as mvue24_kernel
+        from sparsedist_kernels.mvue import mvue24 as mvue24_kernel
 
         return mvue24_kernel(grad, seed=int(torch.randint(0, 2**62, ())))
     return mvue24(grad).to(grad.dtype)

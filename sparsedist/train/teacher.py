@@ -32,6 +32,7 @@ from sparsedist.checkpoint.publish import prepare, publish, staging_dir
 from sparsedist.config import Recipe
 from sparsedist.config.schema import ModelConfig
 from sparsedist.data import TokenBatches
+from sparsedist.errors import RecipeError
 from sparsedist.models import FAMILIES, build_model
 from sparsedist.parallel import ParallelBackend
 from sparsedist.train.losses import TopK
@@ -87,7 +88,7 @@ def load_teacher_model(recipe: Recipe, config: PretrainedConfig) -> nn.Module:
     path = recipe.model.pretrained if cfg.path == "self" else cfg.path
     model = build_model(ModelConfig(family=recipe.model.family, pretrained=path), config, recipe.train.seed)
     if model.config.vocab_size != config.vocab_size:
-        raise ValueError(f"distill.teacher.path: {path} has vocabulary {model.config.vocab_size}, "
+        raise RecipeError(f"distill.teacher.path: {path} has vocabulary {model.config.vocab_size}, "
                          f"the student {config.vocab_size}")
     return model.requires_grad_(False).eval()
 
@@ -133,7 +134,7 @@ def build_teacher(recipe: Recipe, config: PretrainedConfig, backend: ParallelBac
     cfg, device = recipe.distill.teacher, backend.runtime.device
     if cfg.placement == "precomputed":
         if not _complete(cfg.cache_dir, recipe, backend):
-            raise RuntimeError(f"distill.teacher.cache_dir: no complete top-k cache for this run in {cfg.cache_dir}")
+            raise RecipeError(f"distill.teacher.cache_dir: no complete top-k cache for this run in {cfg.cache_dir}")
         return PrecomputedTeacher(cfg.cache_dir, backend.runtime.rank, device)
     if cfg.placement == "offload":
         return LiveTeacher(offload_to_host(load_teacher_model(recipe, config), device), None)
@@ -192,7 +193,7 @@ def _check_replaceable(cache: Path) -> None:
     """Refuse (on every rank) to replace a folder holding anything but a top-k cache's files."""
     foreign = [p.name for p in cache.iterdir() if not _CACHE_FILE.fullmatch(p.name)] if cache.is_dir() else []
     if foreign:
-        raise RuntimeError(f"distill.teacher.cache_dir: {cache} holds {foreign[0]}, which is not a top-k cache file; "
+        raise RecipeError(f"distill.teacher.cache_dir: {cache} holds {foreign[0]}, which is not a top-k cache file; "
                            "refusing to replace it")
 
 
