@@ -76,7 +76,7 @@ class FFN(nn.Module):
         if not self.gated:
             return self.down(F.gelu(self.up(x), approximate="tanh"))
         if x.is_cuda:
-            from sparsedist_kernels import swiglu
+            from sparsedist_kernels.gated import swiglu
 
             return self.down(swiglu(self.gate(x), self.up(x)))
         return self.down(F.silu(self.gate(x)) * self.up(x))

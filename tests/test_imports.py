@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,14 @@ def test_no_package_imports_its_importers():
 
 def test_the_check_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_kernels_folder_never_shadows_an_installed_kernels_package():
+    """Run from the repository root (the path `python -m pytest` and `python -m sparsedist` put first),
+    `import kernels` must find Hugging Face's package, which transformers imports, not kernels/."""
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    assert found.stdout.strip() != str(REPO / "kernels" / "__init__.py")
+    if importlib.util.find_spec("transformers") is not None:
+        subprocess.run([sys.executable, "-c", "import transformers.activations"], cwd=REPO, check=True)
