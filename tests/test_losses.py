@@ -39,9 +39,9 @@ def test_training_loss_mixes_kl_and_cross_entropy():
     labels = torch.randint(0, 7, (2, 3))
     cfg = DistillConfig(weight=0.25, temperature=1.0)
     loss, parts = training_loss(student, labels, teacher, cfg)
-    assert float(loss) == pytest.approx(0.25 * parts["kd"] + 0.75 * parts["ce"], rel=1e-6)
+    assert float(loss) == pytest.approx(0.25 * float(parts["kd"]) + 0.75 * float(parts["ce"]), rel=1e-6)
     plain, parts = training_loss(student, labels, None, cfg)
-    assert set(parts) == {"ce"} and float(plain) == pytest.approx(parts["ce"])
+    assert set(parts) == {"ce"} and float(plain) == pytest.approx(float(parts["ce"]))
 
 
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_the_floor():

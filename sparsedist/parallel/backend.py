@@ -12,6 +12,7 @@ DCP here; flat pieces under DeepSpeed, parallel/zero.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -186,16 +187,24 @@ class ParallelBackend:
 
     def all_finite(self, model: nn.Module) -> bool:
         """Whether every trainable value of the model, on every rank, is finite (all ranks call)."""
-        bad = sum(int((~torch.isfinite(self.piece(p).weight)).sum()) for p in model.parameters() if p.requires_grad)
-        return self.all_reduce_sum([float(bad)])[0] == 0
+        bad = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
+        for p in model.parameters():
+            if p.requires_grad:
+                bad += (~torch.isfinite(self.piece(p).weight)).sum()
+        return float(self.sum_over_ranks(bad)) == 0  # one read-back, not one per parameter
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sums of `values` over all ranks (float64)."""
         if self.runtime.world_size == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.runtime.device)
-        dist.all_reduce(t)
-        return t.tolist()
+        return self.sum_over_ranks(torch.tensor(values, dtype=torch.float64, device=self.runtime.device)).tolist()
+
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (on this rank's device) summed over all ranks, in place; nothing is read back to the host,
+        so the sum can wait on the device until a logging step reads it (all ranks call)."""
+        if self.runtime.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
 
     # --- the step --------------------------------------------------------------------------
 
@@ -209,16 +218,17 @@ class ParallelBackend:
         non-finite global norm (a NaN or Inf anywhere) skip the update. Returns the norm before clipping."""
         params = [p for p in model.parameters() if p.grad is not None]
         norm = global_grad_norm([p.grad for p in params], self.runtime.device)
-        if not torch.isfinite(norm):
+        value = float(norm)  # the step's one read-back: it decides the skip (NaN or Inf anywhere ⇔ in the norm)
+        if not math.isfinite(value):
             optimizer.zero_grad(set_to_none=True)
-            return float(norm)
+            return value
         if max_norm is not None:  # DeepSpeed's coefficient 1 / max(1, (norm + 1e-6) / max_norm), in float64
-            scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0).reciprocal()
+            scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0).reciprocal()  # on the device, from the tensor
             torch._foreach_mul_([self.local(p.grad) for p in params], scale)
         hook.update(step, [p for group in optimizer.param_groups for p in group["params"]])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return value
 
     def after_eval(self, model: nn.Module) -> None:
         """Return the model to its training layout after forward-only calls."""

@@ -7,6 +7,7 @@ exact on any shard made of whole rows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
@@ -15,6 +16,14 @@ from sparsedist_kernels.layout import packed_width
 
 _POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
 _BYTE_VALUES = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).float()  # [byte, bit j] as 0/1
+
+
+@functools.cache
+def device_table(table: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A constant lookup table (a module-level tensor on the CPU) on `device` in `dtype` (default: its own),
+    built once per (table, device, dtype) and shared: a copy per call would be a host-to-device transfer in
+    every masked forward, backward and optimizer chunk. Callers must not write to it."""
+    return table.to(device, dtype or table.dtype)
 
 
 def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -65,7 +74,7 @@ def unpack_mask(bits: torch.Tensor, cols: int, dtype: torch.dtype = torch.bool) 
         shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
         values = (bits.unsqueeze(-1) >> shifts) & 1
         return values.bool().reshape(bits.shape[0], bits.shape[1] * 8)[:, :cols]
-    table = _BYTE_VALUES.to(bits.device, dtype)
+    table = device_table(_BYTE_VALUES, bits.device, dtype)
     return torch.nn.functional.embedding(bits.long(), table).reshape(bits.shape[0], -1)[:, :cols]
 
 
@@ -84,7 +93,7 @@ def unpack_rows(bits: torch.Tensor, row: int, lo: int, hi: int, dtype: torch.dty
 
 def count_ones(bits: torch.Tensor) -> torch.Tensor:
     """Number of set bits in a packed mask (a 0-d tensor on its device: no synchronisation)."""
-    return _POPCOUNT.to(bits.device)[bits.long()].sum()
+    return device_table(_POPCOUNT, bits.device)[bits.long()].sum()
 
 
 def count_flips(old_bits: torch.Tensor, new_bits: torch.Tensor) -> int:

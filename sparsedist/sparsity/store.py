@@ -39,8 +39,8 @@ class MaskStore:
         self.backend = backend
         self.m = m
         self.layers: dict[str, SparseLinear] = {}
-        self.flip_rate: float | None = None
-        """Global share of mask bits the latest `refresh` changed (None before the first one after `start`)."""
+        self._flips: torch.Tensor | None = None
+        """[flips, elements] of the latest `refresh`, summed over ranks on the device (float64), unread."""
         self._aligned: dict[int, list[tuple[int, SparseLinear, int, int]]] | None = None
 
     # --- storage ---------------------------------------------------------------------------
@@ -95,7 +95,8 @@ class MaskStore:
         """Recompute every mask with `decide` and record the global flip rate (all ranks call). Decisions of
         whole N:M groups (`group_local`) run on this rank's pieces where each rank stores its own pieces;
         others (4×4 blocks, replicated masks) on the gathered weight, alike on every rank."""
-        flips = elements = 0
+        flips = torch.zeros((), dtype=torch.float64, device=self.backend.runtime.device)
+        elements = 0
         layers = list(self.layers.values())
         if group_local and self.backend.stores_own_pieces:
             m = self.m
@@ -103,18 +104,31 @@ class MaskStore:
             for layer, (piece, groups) in zip(layers, grouped, strict=True):
                 lead = piece.start % m
                 new = decide(groups.view(-1, m)).view(-1)[lead: lead + piece.weight.numel()]
-                flips += self.set_piece(layer, piece, new)  # one device sync, below
+                flips += self.set_piece(layer, piece, new)
                 elements += new.numel()
         else:
             for layer in layers:
                 old = self.full(layer)
                 new = decide(self.backend.full_tensor(layer.weight))
                 if self.backend.runtime.is_main:  # the same full tensors on every rank: count once
-                    flips += int((old != new).sum())
+                    flips += (old != new).sum()
                     elements += new.numel()
                 self.set_full(layer, new)
-        flips, elements = self.backend.all_reduce_sum([int(flips), elements])
-        self.flip_rate = flips / elements if elements else 0.0
+        counts = torch.stack([flips, torch.full_like(flips, elements)])  # a fill: no host-to-device copy
+        self._flips = self.backend.sum_over_ranks(counts)  # read only by `flip_rate` (logging steps)
+
+    @property
+    def flip_rate(self) -> float | None:
+        """Global share of mask bits the latest `refresh` changed (None before the first one after `start`);
+        reading it reads the counts back to the host."""
+        if self._flips is None:
+            return None
+        flips, elements = self._flips.tolist()
+        return flips / elements if elements else 0.0
+
+    def forget_flips(self) -> None:
+        """No refresh has happened yet (`flip_rate` None): the first masks are not flips."""
+        self._flips = None
 
     # --- the optimizer's view --------------------------------------------------------------
 
@@ -180,14 +194,12 @@ class MaskStore:
         of weight norm² still on pruned positions (how far the dense weights are from their 2:4 prune)."""
         if not self.layers:
             return {}
-        kept = total = pruned_sq = all_sq = 0.0
+        sums = torch.zeros(4, dtype=torch.float64, device=self.backend.runtime.device)  # kept, total, pruned², all²
         for _, piece, mask in self.local_pieces():
-            kept += float(mask.sum())
-            total += mask.numel()
             sq = piece.weight.double().square()
-            pruned_sq += float(sq[~mask].sum())
-            all_sq += float(sq.sum())
-        kept, total, pruned_sq, all_sq = self.backend.all_reduce_sum([kept, total, pruned_sq, all_sq])
+            sums += torch.stack([mask.sum().double(), torch.full_like(sums[0], mask.numel()), sq[~mask].sum(),
+                                 sq.sum()])
+        kept, total, pruned_sq, all_sq = self.backend.sum_over_ranks(sums).tolist()  # the one read-back
         out = {"sparsity": 1.0 - kept / total, "pruned_weight_share": pruned_sq / all_sq if all_sq else 0.0}
         if self.flip_rate is not None:
             out["flip_rate"] = self.flip_rate

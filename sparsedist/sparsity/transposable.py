@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from sparsedist.sparsity.masks import device_table
 from sparsedist_kernels.layout import TRANSPOSABLE_PATTERNS
 
 _BLOCKS_PER_MATMUL = 1 << 16  # bounds the float64 score buffer to 45 MiB
+_SCORES = TRANSPOSABLE_PATTERNS.reshape(-1, 16).T.to(torch.float64)  # [16, 90]: a block's score per pattern
 
 
 def transposable_mask(weight: torch.Tensor) -> torch.Tensor:
@@ -27,8 +29,8 @@ def transposable_mask(weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"transposable_mask: weight of shape {tuple(weight.shape)} has no whole 4×4 blocks")
     rows, cols = weight.shape
     blocks = weight.detach().abs().reshape(rows // 4, 4, cols // 4, 4).transpose(1, 2).reshape(-1, 16)
-    patterns = TRANSPOSABLE_PATTERNS.to(weight.device)
-    table = patterns.reshape(-1, 16).T.to(torch.float64)
+    patterns = device_table(TRANSPOSABLE_PATTERNS, weight.device)
+    table = device_table(_SCORES, weight.device)
     # torch.argmax returns the first maximal index.
     choice = [(chunk.to(torch.float64) @ table).argmax(1) for chunk in blocks.split(_BLOCKS_PER_MATMUL)]
     return patterns[torch.cat(choice)].reshape(rows // 4, cols // 4, 4, 4).transpose(1, 2).reshape(rows, cols)

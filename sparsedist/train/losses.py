@@ -64,10 +64,11 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor | TopK, temperature:
 
 def training_loss(
     logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | TopK | None, cfg: DistillConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """weight·KL + (1−weight)·CE with a teacher, plain CE without; and the parts for logging."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """weight·KL + (1−weight)·CE with a teacher, plain CE without; and the parts for logging, as detached 0-d
+    tensors on the loss's device (read back only where a step is logged: no synchronisation here)."""
     ce = lm_loss(logits, labels)
     if teacher_logits is None:
-        return ce, {"ce": ce.item()}
+        return ce, {"ce": ce.detach()}
     kl = distill_kl(logits, teacher_logits, cfg.temperature)
-    return cfg.weight * kl + (1 - cfg.weight) * ce, {"ce": ce.item(), "kd": kl.item()}
+    return cfg.weight * kl + (1 - cfg.weight) * ce, {"ce": ce.detach(), "kd": kl.detach()}

@@ -123,7 +123,7 @@ class Trainer:
                 if done % r.checkpoint.interval == 0 or done == r.train.steps:
                     self._save(done)
                 bar.update(1)
-                if done < r.train.steps and (signum := self.preemption.agreed()):
+                if done < r.train.steps and self.preemption.due(done) and (signum := self.preemption.agreed()):
                     return self._preempted(done, signum, saved=done % r.checkpoint.interval == 0)
         except BaseException:
             self.tracker.finish("FAILED")
@@ -132,15 +132,16 @@ class Trainer:
             bar.close()
         return self._finish()
 
-    def train_step(self, step: int) -> dict[str, float]:
-        """Optimizer step `step` (0-based) over this rank's micro-batches; returns its local metrics."""
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Optimizer step `step` (0-based) over this rank's micro-batches; returns its local metrics (the loss
+        terms as 0-d device tensors, read back by `_global_loss` at logging steps only)."""
         r = self.recipe
         started = time.perf_counter()
         torch.manual_seed(step_seed(r.train.seed, step, self.runtime.rank))
         lr = r.optim.lr * lr_factor(step, r.train.steps, r.schedule)
         set_lr(self.optimizer, lr)
 
-        def loss_of(i: int, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_of(i: int, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             logits = self.model(input_ids=inputs, use_cache=False).logits
             targets = None if self.teacher is None else self.teacher.targets(step, i, inputs)
             return training_loss(logits, labels, targets, r.distill)
@@ -169,10 +170,11 @@ class Trainer:
             raise NonFiniteError(f"train.max_nonfinite_steps: {self.nonfinite_steps} steps in a row had a non-finite "
                                  f"loss or gradient (the last: step {step}); the last checkpoint is intact")
 
-    def _global_loss(self, metrics: dict[str, float]) -> dict[str, float]:
-        """This step's loss terms averaged over ranks (each rank saw an equal share of the global batch)."""
+    def _global_loss(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """This step's loss terms (0-d device tensors) averaged over ranks (each rank saw an equal share of the
+        global batch): summed on the device and read back once, at logging steps only."""
         keys = [k for k in ("loss", "ce", "kd") if k in metrics]
-        sums = self.backend.all_reduce_sum([metrics[k] for k in keys])
+        sums = self.backend.sum_over_ranks(torch.stack([metrics[k].double() for k in keys])).tolist()
         return {k: s / self.runtime.world_size for k, s in zip(keys, sums, strict=True)}
 
     def _evaluate(self) -> dict[str, float]:

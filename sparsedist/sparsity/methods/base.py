@@ -101,7 +101,7 @@ class SparsityMethod:
         if training:
             self.store.align()
         self.refresh()
-        self.store.flip_rate = None
+        self.store.forget_flips()
 
     @torch.no_grad()
     def finalize(self) -> None:
