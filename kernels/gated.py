@@ -20,12 +20,13 @@ _GELU_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit
-def _sigmoid_and_slope(x, GELU: tl.constexpr):
-    """σ(k(x)) and k'(x)."""
+def _sigmoid_of_k(x, GELU: tl.constexpr):
+    """σ(k(x)). One `return` of one type: the compiler rejects returns of different types under a
+    constexpr branch, which the interpreter runs."""
+    z = x
     if GELU:
         z = 2 * _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
-        return tl.sigmoid(z), 2 * _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
-    return tl.sigmoid(x), 1.0
+    return tl.sigmoid(z)
 
 
 @triton.jit
@@ -35,7 +36,7 @@ def _gated_forward_kernel(gate_ptr, up_ptr, out_ptr, n, GELU: tl.constexpr, COMP
     live = index < n
     x = tl.load(gate_ptr + index, mask=live).to(COMPUTE)
     u = tl.load(up_ptr + index, mask=live).to(COMPUTE)
-    s, _ = _sigmoid_and_slope(x, GELU)
+    s = _sigmoid_of_k(x, GELU)
     tl.store(out_ptr + index, (x * s * u).to(out_ptr.dtype.element_ty), mask=live)
 
 
@@ -47,14 +48,17 @@ def _gated_backward_kernel(gate_ptr, up_ptr, d_out_ptr, d_gate_ptr, d_up_ptr, n,
     x = tl.load(gate_ptr + index, mask=live).to(COMPUTE)
     u = tl.load(up_ptr + index, mask=live).to(COMPUTE)
     dy = tl.load(d_out_ptr + index, mask=live).to(COMPUTE)
-    s, slope = _sigmoid_and_slope(x, GELU)
-    d_act = s + x * s * (1 - s) * slope  # d/dx of x·σ(k(x))
+    s = _sigmoid_of_k(x, GELU)
+    d_sigmoid = x * s * (1 - s)  # d_act = s + x·σ'(k(x))·k'(x), the d/dx of x·σ(k(x)); k' = 1 for SiLU
+    if GELU:
+        d_sigmoid = d_sigmoid * (2 * _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x))
+    d_act = s + d_sigmoid
     tl.store(d_gate_ptr + index, (dy * u * d_act).to(d_gate_ptr.dtype.element_ty), mask=live)
     tl.store(d_up_ptr + index, (dy * x * s).to(d_up_ptr.dtype.element_ty), mask=live)
 
 
-def _compute_dtype(t: torch.Tensor) -> tl.dtype:
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
+def _compute_dtype(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 class _GatedActivation(torch.autograd.Function):
@@ -62,7 +66,7 @@ class _GatedActivation(torch.autograd.Function):
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
         out = torch.empty_like(gate)
         grid = (triton.cdiv(gate.numel(), _BLOCK),)
-        _gated_forward_kernel[grid](gate, up, out, gate.numel(), GELU=gelu, COMPUTE=_compute_dtype(gate),
+        _gated_forward_kernel[grid](gate, up, out, gate.numel(), GELU=gelu, COMPUTE=_compute_dtype(gate.dtype),
                                     BLOCK=_BLOCK)
         ctx.save_for_backward(gate, up)
         ctx.gelu = gelu
@@ -75,7 +79,7 @@ class _GatedActivation(torch.autograd.Function):
         d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
         grid = (triton.cdiv(gate.numel(), _BLOCK),)
         _gated_backward_kernel[grid](gate, up, d_out, d_gate, d_up, gate.numel(), GELU=ctx.gelu,
-                                     COMPUTE=_compute_dtype(gate), BLOCK=_BLOCK)
+                                     COMPUTE=_compute_dtype(gate.dtype), BLOCK=_BLOCK)
         return d_gate, d_up, None
 
 

@@ -17,6 +17,7 @@ import triton.language as tl
 from sparsedist_kernels.layout import TRANSPOSABLE_PATTERNS, packed_width
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+NM_GROUPS = (2, 4, 8)  # the group sizes m that nm_prune accepts
 
 
 def _check_weight(name: str, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...] = _FLOATS) -> None:
@@ -62,8 +63,8 @@ def nm_prune(weight: torch.Tensor, n: int = 2, m: int = 4, *, block_rows: int = 
     pruned copy keeps its dtype).
     """
     _check_weight("nm_prune", weight)
-    if m not in (2, 4, 8):
-        raise ValueError(f"nm_prune: m={m} is not 2, 4 or 8")
+    if m not in NM_GROUPS:
+        raise ValueError(f"nm_prune: m={m} is not one of {NM_GROUPS}")
     if not 0 <= n <= m:
         raise ValueError(f"nm_prune: n={n} is not in [0, m={m}]")
     rows, cols = weight.shape

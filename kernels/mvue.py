@@ -17,6 +17,10 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _BLOCK_GROUPS = 1024
 
 
+def _compute_dtype(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 @triton.jit
 def _beats(key_j, key_i, j_before_i: tl.constexpr):
     """1 where entry j ranks above entry i: larger key, ties towards the lower index."""
@@ -106,7 +110,7 @@ def mvue24(grad: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
     grad = grad.detach().contiguous()
     out = torch.empty_like(grad)
     groups = grad.numel() // 4
-    compute = tl.float64 if grad.dtype == torch.float64 else tl.float32
     grid = (triton.cdiv(groups, _BLOCK_GROUPS),)
-    _mvue24_kernel[grid](grad, out, groups, seed, offset, COMPUTE=compute, BLOCK_GROUPS=_BLOCK_GROUPS)
+    _mvue24_kernel[grid](grad, out, groups, seed, offset, COMPUTE=_compute_dtype(grad.dtype),
+                         BLOCK_GROUPS=_BLOCK_GROUPS)
     return out

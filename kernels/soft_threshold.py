@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _BLOCK_GROUPS = 1024
 
 
@@ -44,8 +45,9 @@ def soft_threshold(weight: torch.Tensor, scale: float | torch.Tensor = 1.0) -> t
     """scale·S(W) of a 2-D [out, in] weight (in % 4 == 0), same shape and dtype, not differentiable.
 
     The weight is float32, bfloat16 or float16. `scale` is a Python number or a 0-dim tensor
-    (S-STE's β, read by the kernel: no host sync), used at its own precision. Computed in
-    float32 and rounded once to the weight's dtype. Which entries are kept is exact (the
+    (S-STE's β, read by the kernel: no host sync) of any of those dtypes or float64, used at its
+    own precision. Computed in float32 and rounded once to the weight's dtype. Which entries are kept
+    is exact (the
     reference's comparisons); the values equal the reference's bit for bit at scale 1 in every
     dtype, and at any scale for a float32 weight with a Python or float32 scale; otherwise they
     are within one rounding of the reference's, which rounds S(W) (and a tensor scale) to the
@@ -60,6 +62,8 @@ def soft_threshold(weight: torch.Tensor, scale: float | torch.Tensor = 1.0) -> t
     if scale_is_ptr:
         if scale.dim() != 0:
             raise ValueError(f"soft_threshold: scale must be a number or a 0-dim tensor, not {tuple(scale.shape)}")
+        if scale.dtype not in _SCALE_DTYPES:
+            raise ValueError(f"soft_threshold: scale tensor of dtype {scale.dtype} is not one of {_SCALE_DTYPES}")
         scale = scale.detach().to(weight.device)
     else:
         scale = float(scale)
