@@ -46,12 +46,11 @@ def soft_threshold(weight: torch.Tensor, scale: float | torch.Tensor = 1.0) -> t
 
     The weight is float32, bfloat16 or float16. `scale` is a Python number or a 0-dim tensor
     (S-STE's β, read by the kernel: no host sync) of any of those dtypes or float64, used at its
-    own precision. Computed in float32 and rounded once to the weight's dtype. Which entries are kept
-    is exact (the
-    reference's comparisons); the values equal the reference's bit for bit at scale 1 in every
-    dtype, and at any scale for a float32 weight with a Python or float32 scale; otherwise they
-    are within one rounding of the reference's, which rounds S(W) (and a tensor scale) to the
-    weight's dtype before multiplying.
+    own precision. Computed in float32 and rounded once to the weight's dtype. Which entries are
+    kept is exact (the reference's comparisons); the values equal the reference's bit for bit at
+    scale 1 in every dtype, and at any scale for a float32 weight with a Python or float32
+    scale; otherwise they are within one rounding of the reference's, which rounds S(W) (and a
+    tensor scale) to the weight's dtype before multiplying.
     """
     if weight.dim() != 2 or weight.shape[1] % 4:
         raise ValueError(f"soft_threshold: weight of shape {tuple(weight.shape)} is not 2-D with whole groups of 4 "
