@@ -11,6 +11,11 @@ an estimate from those counts and the recipe's layout:
   moments partitioned from stage 1, gradients partitioned from stage 2, and can offload
   master weights and moments to the host;
 - masks: one bit per sparse weight, sharded with the weight (FSDP2, ZeRO-3);
+- forms of W̃ the products keep (sparsity/product.py): with `sparsity.kernel: semi_structured`
+  the cuSPARSELt-compressed W̃ (and W̃ᵀ for transposable masks), 9/16 of the dense bf16 bytes
+  each (`_cslt_compress` allocates numel·9/16 16-bit elements), and with `precision.fp8` the
+  e4m3 W̃ (1 byte per weight); kept for a whole step where the weights are whole on a rank (one
+  process, ZeRO-1/2), only for the one layer in use where they are gathered (FSDP2, ZeRO-3);
 - the teacher by placement: `sharded` like the student's weights, `offload` one block at a
   time, `precomputed` nothing on the GPU (its top-k files on disk);
 - activations per micro-batch, with fused attention (no seq² term): a block keeps about
@@ -34,6 +39,8 @@ from sparsedist.models import FAMILIES, count_parameters
 from sparsedist.preflight import meta_model
 
 GIB = 2**30
+COMPRESSED_BYTES = 2 * 9 / 16
+"""Bytes per weight of a cuSPARSELt-compressed bf16/fp16 tensor (values and metadata)."""
 HEADROOM = 0.9
 NOMINAL_TOLERANCE = 0.10
 
@@ -69,6 +76,10 @@ class ModelSizes:
     ffn: int
     gated: bool
     vocab: int
+    forms: int = 0
+    """Bytes of the forms of W̃ every kernel and FP8 layer keeps for a step (module docstring)."""
+    largest_forms: int = 0
+    """The same for the largest such layer."""
 
 
 def model_sizes(recipe: Recipe) -> ModelSizes:
@@ -80,12 +91,16 @@ def model_sizes(recipe: Recipe) -> ModelSizes:
     params = count_parameters(model)
     block_params = [count_parameters(block) for block in blocks]
     first_ffn = blocks[0].get_submodule(family.ffn_linears[0])
+    forms = [layer.weight.numel() * (COMPRESSED_BYTES * (1 + layer.product.transposable)
+                                     * layer.product.semi_structured + layer.product.fp8)
+             for layer in method.layers.values()]
     return ModelSizes(
         params=params, dense_params=params - extras,
         sparse_weights=sum(layer.weight.numel() for layer in method.layers.values()),
         largest_block=max(block_params), root=params - sum(block_params), layers=len(blocks),
         hidden=first_ffn.in_features, ffn=first_ffn.out_features, gated=len(family.ffn_linears) == 3,
-        vocab=model.get_output_embeddings().weight.shape[0],
+        vocab=model.get_output_embeddings().weight.shape[0], forms=int(sum(forms)),
+        largest_forms=int(max(forms, default=0)),
     )
 
 
@@ -109,6 +124,8 @@ def memory(sizes: ModelSizes, recipe: Recipe, world: int) -> dict[str, float]:
         states = 0 if p.offload_optimizer else 8 * n / world
     out = {"weights": weights, "gradients": grads, "optimizer state": states,
            "masks": sizes.sparse_weights / 8 / (world if sharded_weights else 1)}
+    if sizes.forms:
+        out["kept forms of W̃"] = sizes.largest_forms if sharded_weights else sizes.forms
     if recipe.distill.weight > 0:
         placement = recipe.distill.teacher.placement
         teacher = sizes.dense_params

@@ -45,6 +45,8 @@ CASES = [  # (command line, what its one-line error must say)
     ([*V, "sparsity={method: cast, scale_segments: 3}"], "sparsity.scale_segments: 32 inputs do not split into 3"),
     ([*V, "sparsity={method: ast, slorb: true, slorb_k: 7}"], "sparsity.slorb_k: 32 inputs are not a multiple of 7"),
     ([*V, "sparsity={method: cast, kernel: semi_structured}"], "sparsity.kernel: not a key of method 'cast'"),
+    ([*V, "sparsity={method: srste, kernel: semi_structured}", "parallel.mixed_precision=fp32"],
+     "sparsity.kernel: semi_structured multiplies bf16 operands"),
     ([*V, "sparsity={method: dense}", "precision.fp8=true"], "precision.fp8: applies to the sparse FFN layers"),
     ([*V, "parallel.backend=horovod"], "parallel.backend: Input should be 'fsdp2', 'deepspeed' or 'none'"),
     ([*V, "parallel.zero_stage=4"], "parallel.zero_stage: Input should be 1, 2 or 3"),

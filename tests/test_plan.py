@@ -77,3 +77,14 @@ def test_plan_before_the_weights_exist(tmp_path):
     assert lines[0].startswith("model: 6,741.1M trainable parameters (6,738.4M dense")
     assert lines[-1].startswith("deferred until models/llama-2-7b ")
     assert "the weights' config.json against model.config" in lines[-1]
+
+
+def test_kept_forms_of_the_weight_are_a_step_long_where_weights_are_whole_and_one_layer_where_gathered():
+    kernel = ["sparsity={method: sparse_pretrain, kernel: semi_structured, kernel_min_features: 0}",
+              "parallel.mixed_precision=bf16", "distill.weight=0", "model.pretrained=null"]
+    ffn = 128 * 384  # the tiny model's FFN weights: 2 inputs of 128 to 384 and back, transposable: W̃ and W̃ᵀ
+    whole = plan([*kernel, "parallel.backend=deepspeed", "parallel.zero_stage=1"])
+    assert whole.memory["kept forms of W̃"] == pytest.approx(2 * 9 / 16 * 2 * 3 * ffn * whole.sizes.layers)
+    gathered = plan([*kernel, "parallel.backend=fsdp2"])
+    assert gathered.memory["kept forms of W̃"] == pytest.approx(2 * 9 / 16 * 2 * ffn)
+    assert "kept forms of W̃" not in plan(SCRATCH).memory

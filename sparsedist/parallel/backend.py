@@ -101,6 +101,9 @@ class ParallelBackend:
     model copy is replicated and the master values partitioned: ZeRO-1/2)."""
     checkpoint_format = "dcp"
     """How checkpoint/ saves this backend's state: torch DCP (`sharded_state`) or flat `pieces`."""
+    gathers_parameters = False
+    """Whether a parameter is whole on a rank only while gathered for its forward or backward (FSDP2,
+    ZeRO-3): then nothing derived from a whole weight may be kept beyond that use."""
 
     def __init__(self, cfg: ParallelConfig, runtime: Runtime):
         self.cfg = cfg
@@ -274,6 +277,8 @@ class ParallelBackend:
 
 class FSDP2Backend(ParallelBackend):
     """`fully_shard` per transformer block and on the root: every parameter `Shard(0)`, whole rows per rank."""
+
+    gathers_parameters = True
 
     def __init__(self, cfg: ParallelConfig, runtime: Runtime):
         super().__init__(cfg, runtime)

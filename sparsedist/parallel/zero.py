@@ -243,6 +243,8 @@ class PartitionedZero(ZeroBackend):
     """ZeRO-3: every parameter cut into flat partitions of ceil(numel / world) elements, rank q holding
     [q·size, (q+1)·size); gathered for the forward and freed after."""
 
+    gathers_parameters = True
+
     def wrap(self, model: nn.Module, blocks: nn.ModuleList) -> nn.Module:
         """Students are placed here and become an engine in `prepare`; a frozen teacher becomes an engine
         of its own, without an optimizer, that partitions it."""

@@ -29,12 +29,30 @@ def quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     return (t * scale).to(dtype), scale.reciprocal()
 
 
+def padded(t: torch.Tensor, dim: int, multiple: int = 16) -> torch.Tensor:
+    """`t` with zeros appended along `dim` up to a multiple of `multiple` (zeros add nothing to a product)."""
+    short = -t.shape[dim] % multiple
+    if not short:
+        return t
+    pad = [0, 0, 0, 0]
+    pad[1 if dim == 1 else 3] = short
+    return torch.nn.functional.pad(t, pad)
+
+
 def fp8_mm(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
-           out_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b of two quantized 2-D operands (q, 1/s), in `out_dtype`."""
+           out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """a @ b of two quantized 2-D operands (q, 1/s), in `out_dtype`.
+
+    On FP8 hardware `torch._scaled_mm`: mat1 row-major, mat2 column-major, the inner and output widths
+    multiples of 16 (torch 2.13, `_check_scaled_mm_sizes` in torch/_meta_registrations.py), so both are
+    zero-padded to 16 and the result cut back; `fast_accum` (forward products) lets cuBLASLt skip its
+    periodic fp32 promotion of the accumulator."""
     (qa, inv_a), (qb, inv_b) = a, b
     if hardware_fp8(qa.device):
-        # mat1 row-major, mat2 column-major; cuBLASLt accumulates in fp32 and applies both scales
-        return torch._scaled_mm(qa.contiguous(), qb.t().contiguous().t(), scale_a=inv_a, scale_b=inv_b,
-                                out_dtype=out_dtype)
-    return ((qa.float() @ qb.float()) * (inv_a * inv_b)).to(out_dtype)
+        columns = qb.shape[1]
+        qa, qb = padded(qa, 1), padded(padded(qb, 0), 1)
+        out = torch._scaled_mm(qa.contiguous(), qb.t().contiguous().t(), scale_a=inv_a, scale_b=inv_b,
+                               out_dtype=out_dtype, use_fast_accum=fast_accum)
+        return out[:, :columns] if out.shape[1] != columns else out
+    with torch.autocast(qa.device.type, enabled=False):  # fp32 accumulation, as _scaled_mm's
+        return ((qa.float() @ qb.float()) * (inv_a * inv_b)).to(out_dtype)

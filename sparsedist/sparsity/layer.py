@@ -9,7 +9,8 @@ writes the bits, the layer only unpacks the gathered mask for its forward.
 What the forward does is set by the method that converted the layer: `transform`
 gives the weight W̃ the product uses, `product` how it is multiplied (the plain dense
 product, or with the 2:4 kernel, an MVUE weight gradient or FP8: see product.py), and
-an optional `branch` adds a dense side path.
+an optional `branch` adds a dense side path. `weight_forms` keeps the compressed and quantised
+forms of W̃ a training step's micro-batches share (product.py).
 
 W̃ (M⊙W, A⊙W, β·S(W)) is not kept from the forward to the backward: it is rebuilt in the
 backward from the parameters, which FSDP2 and ZeRO-3 gather again there anyway. Kept, it
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsedist.sparsity.masks import packed_width, unpack_rows
-from sparsedist.sparsity.product import Product
+from sparsedist.sparsity.product import Product, WeightForms
 
 
 class SparseLinear(nn.Linear):
@@ -37,12 +38,15 @@ class SparseLinear(nn.Linear):
     transform: Callable[[SparseLinear], torch.Tensor]
     product: Product
     branch: nn.Module | None
+    weight_forms: WeightForms
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, transform: Callable[[SparseLinear], torch.Tensor],
-                    product: Product | None = None, mask_row: int | None = None) -> SparseLinear:
+                    product: Product | None = None, mask_row: int | None = None,
+                    keep_weight_forms: bool = False) -> SparseLinear:
         """Take over `linear`'s parameters (no copy) and add an all-zero mask packed in rows of
-        `mask_row` elements (default: the weight's rows)."""
+        `mask_row` elements (default: the weight's rows). `keep_weight_forms`: W̃'s compressed and
+        quantised forms are made once per optimizer step (False where parameters are gathered per use)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -52,6 +56,7 @@ class SparseLinear(nn.Linear):
         bits = torch.zeros(rows, packed_width(layer.mask_row), dtype=torch.uint8, device=linear.weight.device)
         layer.mask = nn.Parameter(bits, requires_grad=False)
         layer.transform, layer.product, layer.branch = transform, product or Product(), None
+        layer.weight_forms = WeightForms(keep_weight_forms)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +84,12 @@ class _ProductLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: SparseLinear, *trained: torch.Tensor) -> torch.Tensor:
         ctx.layer = layer
+        ctx.forms = layer.weight_forms if layer.training else None  # evaluation keeps nothing
+        kind = x.device.type  # the backward multiplies under the forward's autocast, as autocast's own ops do
+        ctx.autocast = dict(device_type=kind, dtype=torch.get_autocast_dtype(kind),
+                            enabled=torch.is_autocast_enabled(kind))
         ctx.save_for_backward(x, *trained)
-        out = layer.product.forward(x.reshape(-1, x.shape[-1]), layer.transform(layer))
+        out = layer.product.forward(x.reshape(-1, x.shape[-1]), layer.transform(layer), ctx.forms)
         return out.reshape(*x.shape[:-1], -1)
 
     @staticmethod
@@ -90,8 +99,10 @@ class _ProductLinear(torch.autograd.Function):
         with torch.enable_grad():
             weight = ctx.layer.transform(ctx.layer)
         rows, inputs = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_x = product.grad_input(rows, weight.detach()).reshape(x.shape)
-        grad_weight = product.grad_weight(rows, inputs).to(weight.dtype)
+        with torch.autocast(**ctx.autocast):
+            grad_x = product.grad_input(rows, weight.detach(), ctx.forms).reshape(x.shape)
+            grad_weight = product.grad_weight(rows, inputs)
+        grad_weight = grad_weight.to(weight.dtype)
         grads = torch.autograd.grad(weight, trained, grad_weight)
         return grad_x, None, *grads
 

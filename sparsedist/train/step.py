@@ -1,6 +1,7 @@
-"""One optimizer step in the order every run takes it: the method's `begin`, the forward and backward of
-each micro-batch, the backend's reduced, clipped update (with the method's `update` on the gradients),
-the method's `end`. The trainer and the step-time benchmark both take steps through it."""
+"""One optimizer step in the order every run takes it: the method's `begin`, the forward and backward of each
+micro-batch, the backend's reduced, clipped update (with the method's `update` on the gradients), the
+method's `end`, then the forms of W̃ the micro-batches shared released (sparsity/product.py). The trainer
+and the step-time benchmark both take steps through it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from sparsedist.parallel.backend import ParallelBackend
+from sparsedist.sparsity.product import release_weight_forms
 from sparsedist.student import Student
 
 LossOf = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -37,4 +39,5 @@ def optimizer_step(step: int, student: Student, backend: ParallelBackend,
             parts_sum[key] = parts_sum[key] + share if key in parts_sum else share
     grad_norm = backend.step(student.model, student.optimizer, max_norm, step, student.method)
     student.method.end(step)
+    release_weight_forms(student.model)
     return grad_norm, parts_sum

@@ -90,7 +90,8 @@ class SparsityMethod:
         """Replace the targeted linears of every block by `SparseLinear`s with their product and state."""
         for name, linear in target_linears(model, family, self.cfg):
             layer = SparseLinear.from_linear(linear, type(self).transform, self.product_for(name, linear, family),
-                                             self.store.mask_row(linear))
+                                             self.store.mask_row(linear),
+                                             keep_weight_forms=not self.backend.gathers_parameters)
             self.extend(layer)
             model.set_submodule(name, layer)
             self.store.add(name, layer)
