@@ -207,14 +207,14 @@ def test_fp8_dense_products_meet_scaled_mm_rules_at_any_width(kernels):
     assert [call[3] for call in kernels.calls] == [True, False, False]  # fast accumulation in the forward only
 
 
-def _sparse_pretrain(gathers: bool):
+def _sparse_pretrain(gathers: bool, fp8_products: bool = False):
     cfg = ModelConfig(family="llama", config=LLAMA)
     model = build_model(cfg, model_config(cfg, 300, 32, 0), seed=0)
     backend = ParallelBackend(ParallelConfig(backend="none", mixed_precision="bf16"),
                               Runtime(0, 1, 0, torch.device("cpu")))
     backend.gathers_parameters = gathers  # as under FSDP2 and ZeRO-3
     method = make_method(METHOD_CONFIGS["sparse_pretrain"](method="sparse_pretrain", kernel="semi_structured",
-                                                           kernel_min_features=0), backend, 10)
+                                                           kernel_min_features=0), backend, 10, fp8_products)
     method.convert(model, FAMILIES["llama"])
     optimizer = prepared_optimizer(model, method, OptimConfig())
     method.start()
@@ -247,3 +247,21 @@ def test_the_compressed_path_trains_as_the_masked_dense_one(kernels, monkeypatch
     _steps(*dense)
     for name, layer in compressed[0].method.layers.items():
         torch.testing.assert_close(layer.weight, dense[0].method.layers[name].weight, rtol=1e-3, atol=1e-4)
+
+
+def test_fp8_quantises_w_once_per_step_and_x_and_the_gradient_once_per_micro_batch(monkeypatch):
+    student, backend = _sparse_pretrain(False, fp8_products=True)
+    made = []
+    quantize = fp8.quantize
+    monkeypatch.setattr(fp8, "quantize", lambda t, dtype: made.append(dtype) or quantize(t, dtype))
+    _steps(student, backend, steps=2, micro=3)
+    layers = len(student.method.layers)
+    assert made.count(E4M3) == 2 * layers * (1 + 3)  # W̃ once a step, X once per micro-batch
+    assert made.count(E5M2) == 2 * layers * 3  # ∇Z once per micro-batch, for both gradient products
+
+
+def test_the_fused_quantisation_gives_the_eager_bits():
+    x = torch.randn(33, 80, dtype=torch.bfloat16) * 5
+    for q, reference in zip(fp8.fused_quantize()(x, E4M3), fp8._quantized(x, E4M3), strict=True):
+        assert torch.equal(q.view(torch.uint8) if q.dtype == E4M3 else q, reference.view(torch.uint8)
+                           if reference.dtype == E4M3 else reference)

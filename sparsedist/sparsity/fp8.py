@@ -11,6 +11,9 @@ operand (the hybrid format of FP8 training: Hopper has no e5m2×e5m2 product).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 FORWARD = torch.float8_e4m3fn
@@ -22,11 +25,25 @@ def hardware_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def _quantized(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = t.aminmax()  # amax in t's own dtype, exact, without a full-size copy
+    scale = torch.finfo(dtype).max / torch.maximum(-lo, hi).float().clamp(min=1e-12)
+    return (t.float() * scale).to(dtype), scale.reciprocal()
+
+
+@functools.cache
+def fused_quantize() -> Callable[[torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]]:
+    """`_quantized` compiled by torch.compile: the amax reduction, then one kernel that reads t and
+    writes its float8 cast (about 5 bytes moved per element, against 21 eagerly), the same bits."""
+    return torch.compile(_quantized, dynamic=True)
+
+
 def quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, 1/s): `t` cast to the float8 `dtype` with the per-tensor scale s = max/amax, and its fp32 inverse."""
-    t = t.detach().float()
-    scale = torch.finfo(dtype).max / t.abs().amax().clamp(min=1e-12)
-    return (t * scale).to(dtype), scale.reciprocal()
+    """(q, 1/s): `t` cast to the float8 `dtype` with the per-tensor scale s = max/amax, and its fp32 inverse.
+
+    On CUDA the fused, compiled form; elsewhere the eager one (the reference: the same bits)."""
+    t = t.detach()
+    return fused_quantize()(t, dtype) if t.is_cuda else _quantized(t, dtype)
 
 
 def padded(t: torch.Tensor, dim: int, multiple: int = 16) -> torch.Tensor:

@@ -79,7 +79,8 @@ class SparseLinear(nn.Linear):
 
 
 class _ProductLinear(torch.autograd.Function):
-    """layer.product of x and transform(layer), saving x and the layer's parameters rather than W̃."""
+    """layer.product of x and transform(layer), saving x (FP8: its e4m3 form, quantised once) and the layer's
+    parameters rather than W̃."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: SparseLinear, *trained: torch.Tensor) -> torch.Tensor:
@@ -88,20 +89,22 @@ class _ProductLinear(torch.autograd.Function):
         kind = x.device.type  # the backward multiplies under the forward's autocast, as autocast's own ops do
         ctx.autocast = dict(device_type=kind, dtype=torch.get_autocast_dtype(kind),
                             enabled=torch.is_autocast_enabled(kind))
-        ctx.save_for_backward(x, *trained)
-        out = layer.product.forward(x.reshape(-1, x.shape[-1]), layer.transform(layer), ctx.forms)
+        ctx.shape, ctx.quantized = x.shape, {} if layer.product.fp8 else None
+        ctx.save_for_backward(*(trained if layer.product.fp8 else (x, *trained)))  # FP8 keeps its e4m3 X instead
+        out = layer.product.forward(x.reshape(-1, x.shape[-1]), layer.transform(layer), ctx.forms, ctx.quantized)
         return out.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, *trained = ctx.saved_tensors
+        x, *trained = (None, *ctx.saved_tensors) if ctx.quantized is not None else ctx.saved_tensors
         product = ctx.layer.product
         with torch.enable_grad():
             weight = ctx.layer.transform(ctx.layer)
-        rows, inputs = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        inputs = None if x is None else x.reshape(-1, x.shape[-1])
         with torch.autocast(**ctx.autocast):
-            grad_x = product.grad_input(rows, weight.detach(), ctx.forms).reshape(x.shape)
-            grad_weight = product.grad_weight(rows, inputs)
+            grad_x = product.grad_input(rows, weight.detach(), ctx.forms, ctx.quantized).reshape(ctx.shape)
+            grad_weight = product.grad_weight(rows, inputs, ctx.quantized)
         grad_weight = grad_weight.to(weight.dtype)
         grads = torch.autograd.grad(weight, trained, grad_weight)
         return grad_x, None, *grads

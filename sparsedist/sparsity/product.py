@@ -151,11 +151,14 @@ class Product:
         dtype = sparse_operand_dtype(like)
         return dtype if compressible(t, dtype) else None
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, forms: WeightForms | None = None) -> torch.Tensor:
-        """Z = X·W̃ᵀ."""
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, forms: WeightForms | None = None,
+                quantized: dict | None = None) -> torch.Tensor:
+        """Z = X·W̃ᵀ. With FP8, the e4m3 X goes into `quantized` for `grad_weight`."""
         forms = forms or WeightForms(keep=False)
         if self.fp8:
             qx = fp8.quantize(x, fp8.FORWARD)
+            if quantized is not None:
+                quantized["x"] = qx
             qw = forms.get("fp8", lambda: fp8.quantize(weight, fp8.FORWARD))
             if (self.semi_structured and has_sparse_tensor_cores(weight.device) and compressible(weight, fp8.FORWARD)
                     and fp8.hardware_fp8(weight.device) and torch.backends.cusparselt.is_available()):
@@ -168,21 +171,32 @@ class Product:
         # ZeRO-3 has replaced it with its own
         return F.linear(x, weight)
 
-    def grad_input(self, grad: torch.Tensor, weight: torch.Tensor, forms: WeightForms | None = None) -> torch.Tensor:
-        """∇X = ∇Z·W̃."""
+    def grad_input(self, grad: torch.Tensor, weight: torch.Tensor, forms: WeightForms | None = None,
+                   quantized: dict | None = None) -> torch.Tensor:
+        """∇X = ∇Z·W̃. With FP8, the e5m2 ∇Z goes into `quantized` for `grad_weight`."""
         forms = forms or WeightForms(keep=False)
         if self.fp8:
             qw = forms.get("fp8", lambda: fp8.quantize(weight, fp8.FORWARD))
-            return fp8.fp8_mm(fp8.quantize(grad, fp8.GRADIENT), qw, grad.dtype)
+            qg = fp8.quantize(grad, fp8.GRADIENT)
+            if quantized is not None:
+                quantized["grad"] = qg
+            return fp8.fp8_mm(qg, qw, grad.dtype)
         if self.transposable and (dtype := self._sparse(weight, grad)):
             return sparse_linear(grad.to(dtype), forms.get("compressed_t", lambda: compress(weight.t().to(dtype))))
         return grad @ weight
 
-    def grad_weight(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """∇W̃ = ∇Zᵀ·X, or MVUE24(∇Zᵀ)·X."""
+    def grad_weight(self, grad: torch.Tensor, x: torch.Tensor | None, quantized: dict | None = None) -> torch.Tensor:
+        """∇W̃ = ∇Zᵀ·X, or MVUE24(∇Zᵀ)·X (FP8: X, and ∇Z without MVUE, as `quantized` holds them where given:
+        a per-tensor scale is the same for a tensor and its transpose)."""
+        quantized = quantized or {}
         grad_t = _mvue(grad.t()) if self.mvue else grad.t()
         if self.fp8:
-            return fp8.fp8_mm(fp8.quantize(grad_t, fp8.GRADIENT), fp8.quantize(x, fp8.FORWARD), grad.dtype)
+            qx = quantized["x"] if "x" in quantized else fp8.quantize(x, fp8.FORWARD)
+            if "grad" in quantized and not self.mvue:
+                qg = (quantized["grad"][0].t(), quantized["grad"][1])
+            else:
+                qg = fp8.quantize(grad_t, fp8.GRADIENT)
+            return fp8.fp8_mm(qg, qx, grad.dtype)
         if self.mvue and (dtype := self._sparse(grad_t, grad)):
             return compress(grad_t.to(dtype)) @ x.to(dtype).contiguous()
         return grad_t @ x
