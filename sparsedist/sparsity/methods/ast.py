@@ -17,7 +17,6 @@ from torch import nn
 from sparsedist.config import sparsity as configs
 from sparsedist.errors import RecipeError
 from sparsedist.sparsity.layer import SparseLinear
-from sparsedist.sparsity.masks import pruned_values
 from sparsedist.sparsity.methods.moment import MomentAdamMethod
 from sparsedist.sparsity.methods.ste import masked_ste_weight
 
@@ -66,7 +65,9 @@ class AST(MomentAdamMethod):
         return {id(p) for layer in self.layers.values() if layer.branch is not None
                 for p in layer.branch.parameters()}
 
-    def smoothed_moment(self, step: int, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor,
-                        out: torch.Tensor) -> torch.Tensor:
-        """u = m + λ(t)(1−M)⊙W, in place."""
-        return torch.add(momentum, pruned_values(weight, kept, out), alpha=self.decay_at(step), out=out)
+    def smoothed_moment(self, step: int, weights: list[torch.Tensor], momenta: list[torch.Tensor],
+                        kept: list[torch.Tensor]) -> list[torch.Tensor]:
+        """u = m + λ(t)(1−M)⊙W, with (1−M)⊙W = W − W⊙M as in `pruned_values`."""
+        pruned = torch._foreach_addcmul(weights, weights, kept, value=-1)
+        kept.clear()
+        return torch._foreach_add(momenta, pruned, alpha=self.decay_at(step))

@@ -67,13 +67,16 @@ class CAST(MomentAdamMethod):
     def no_decay_parameters(self) -> set[int]:
         return {id(layer.scale) for layer in self.layers.values()}
 
-    def smoothed_moment(self, step: int, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor,
-                        out: torch.Tensor) -> torch.Tensor:
+    def smoothed_moment(self, step: int, weights: list[torch.Tensor], momenta: list[torch.Tensor],
+                        kept: list[torch.Tensor]) -> list[torch.Tensor]:
         """μ̃ = μ on kept slots, (1−α_t)μ + α_t·λ·sign(W) on pruned ones, as μ + α_t·(1−M)⊙(λ·sign(W) − μ):
-        in place, and exactly μ where M = 1 (d − d·1 = 0)."""
-        toward = torch.sign(weight, out=out).mul_(self.cfg.decay).sub_(momentum)
-        toward.addcmul_(toward, kept, value=-1)
-        return torch.add(momentum, toward, alpha=self.alpha_at(step), out=out)
+        exactly μ where M = 1 (d − d·1 = 0)."""
+        toward = torch._foreach_sign(weights)
+        torch._foreach_mul_(toward, self.cfg.decay)
+        torch._foreach_sub_(toward, momenta)
+        torch._foreach_addcmul_(toward, toward, kept, value=-1)
+        kept.clear()
+        return torch._foreach_add(momenta, toward, alpha=self.alpha_at(step))
 
     @torch.no_grad()
     def finalize(self) -> None:

@@ -15,15 +15,26 @@ class MomentAdamMethod(SparsityMethod):
     def make_optimizer(self, groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
         return MomentAdam(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, self.backend.local, self._moment)
 
-    def _moment(self, tensor: torch.Tensor, part: slice, weight: torch.Tensor, momentum: torch.Tensor,
-                out: torch.Tensor, step: int) -> torch.Tensor:
-        kept = self.store.update_mask(tensor, part, weight.dtype)
-        if kept is None:
-            return momentum  # no sparse weight in this part of the tensor: u = m
-        return self.smoothed_moment(step, weight, momentum, kept, out)
+    def _moment(self, tensors: list[torch.Tensor], parts: list[slice], weights: list[torch.Tensor],
+                momenta: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        """u of each piece of a batch (`MomentAdam`'s Modify): m where the piece holds no sparse weight, else
+        `smoothed_moment` over all the pieces that do, at once."""
+        moments = list(momenta)
+        sparse, kept = [], []
+        for i, (tensor, part, weight) in enumerate(zip(tensors, parts, weights, strict=True)):
+            mask = self.store.update_mask(tensor, part, weight.dtype)
+            if mask is not None:
+                sparse.append(i)
+                kept.append(mask)
+        if sparse:
+            smoothed = self.smoothed_moment(step, [weights[i] for i in sparse], [momenta[i] for i in sparse], kept)
+            for i, moment in zip(sparse, smoothed, strict=True):
+                moments[i] = moment
+        return moments
 
-    def smoothed_moment(self, step: int, weight: torch.Tensor, momentum: torch.Tensor, kept: torch.Tensor,
-                        out: torch.Tensor) -> torch.Tensor:
-        """u of the optimizer's update `step` (0-based), written to `out`, from this rank's values of W, m and
-        the aligned mask M (0/1 in W's dtype, which this may overwrite); u = m exactly where M = 1."""
+    def smoothed_moment(self, step: int, weights: list[torch.Tensor], momenta: list[torch.Tensor],
+                        kept: list[torch.Tensor]) -> list[torch.Tensor]:
+        """u of the optimizer's update `step` (0-based) for each of a batch of pieces, as new tensors, from this
+        rank's values of W, m and the aligned mask M (0/1 in W's dtype; this may overwrite them and empties the
+        list `kept` once it no longer needs them); u = m exactly where M = 1."""
         raise NotImplementedError
