@@ -241,8 +241,8 @@ class Recipe(Section):
         if self.distill.weight > 0 and self.distill.teacher.path == "self" and self.model.pretrained is None:
             raise ValueError("distill.teacher.path: 'self' needs model.pretrained (the model the run starts from)")
         if getattr(self.sparsity, "kernel", None) == "semi_structured" and self.parallel.mixed_precision == "fp32":
-            raise ValueError("sparsity.kernel: semi_structured multiplies bf16 operands (cuSPARSELt has no fp32 "
-                             "kernel on Hopper in torch 2.13); set parallel.mixed_precision: bf16")
+            raise ValueError("sparsity.kernel: semi_structured multiplies bf16 operands (cuSPARSELt, which torch "
+                             "2.13 uses on every GPU, has no fp32); set parallel.mixed_precision: bf16")
         if self.precision.fp8 and self.sparsity.method == "dense":
             raise ValueError("precision.fp8: applies to the sparse FFN layers, and sparsity.method 'dense' has none")
         if self.model.pretrained is None and not self.model.config:

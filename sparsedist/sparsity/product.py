@@ -36,7 +36,7 @@ from sparsedist.sparsity import fp8
 from sparsedist.sparsity.mvue import mvue24
 
 SPARSE_DTYPES = (torch.bfloat16, torch.float16)
-"""The floating dtypes of a cuSPARSELt product in torch 2.13 (besides e4m3 through `_scaled_mm`)."""
+"""The floating dtypes of a cuSPARSELt product in torch 2.13 (besides FP8's e4m3, through `_cslt_sparse_mm`)."""
 
 
 def has_sparse_tensor_cores(device: torch.device) -> bool:
@@ -143,10 +143,13 @@ class Product:
         """Whether this is the plain dense product (F.linear and its usual backward)."""
         return not (self.semi_structured or self.mvue or self.fp8)
 
+    def _kernel(self, device: torch.device) -> bool:
+        return self.semi_structured and has_sparse_tensor_cores(device)
+
     def _sparse(self, t: torch.Tensor, like: torch.Tensor) -> torch.dtype | None:
         """The dtype `t` is multiplied compressed in (that of `like`'s product), or None where it is not:
         the kernel is off, the device has none, or the shape does not fit."""
-        if not (self.semi_structured and has_sparse_tensor_cores(t.device)):
+        if not self._kernel(t.device):
             return None
         dtype = sparse_operand_dtype(like)
         return dtype if compressible(t, dtype) else None
@@ -160,8 +163,8 @@ class Product:
             if quantized is not None:
                 quantized["x"] = qx
             qw = forms.get("fp8", lambda: fp8.quantize(weight, fp8.FORWARD))
-            if (self.semi_structured and has_sparse_tensor_cores(weight.device) and compressible(weight, fp8.FORWARD)
-                    and fp8.hardware_fp8(weight.device) and torch.backends.cusparselt.is_available()):
+            if (self._kernel(weight.device) and compressible(weight, fp8.FORWARD) and fp8.hardware_fp8(weight.device)
+                    and torch.backends.cusparselt.is_available()):
                 packed = forms.get("fp8_compressed", lambda: torch._cslt_compress(qw[0].contiguous()))
                 return _sparse_fp8_forward(qx, packed, qw[1], weight.shape[0], x.dtype)
             return fp8.fp8_mm(qx, (qw[0].t(), qw[1]), x.dtype, fast_accum=True)
