@@ -55,15 +55,16 @@ def test_model_config_refusals():
         model_config(ModelConfig(family="gpt2", config={"n_wings": 2}), 300, 32, 0)
 
 
-def test_llama_mlp_through_the_fused_swiglu_kernel_matches_hugging_face(monkeypatch):
-    """The CUDA path (the SwiGLU kernel, here in Triton's interpreter) through the model's own forward and backward."""
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
+def test_llama_mlp_through_the_fused_gated_kernel_matches_hugging_face(monkeypatch, activation):
+    """The CUDA path (swiglu or geglu, here in Triton's interpreter) through the model's own forward and backward."""
     pytest.importorskip("triton")
     from sparsedist.models import families
 
-    cfg = ModelConfig(family="llama", config=SIZES["llama"])
+    cfg = ModelConfig(family="llama", config={**SIZES["llama"], "hidden_act": activation})
     model = build_model(cfg, model_config(cfg, vocab_size=300, seq_len=32, eos_id=0), seed=0)
     mlps = [block.mlp for block in FAMILIES["llama"].blocks(model)]
-    assert all(type(mlp) is families.FusedSwiGLUMLP for mlp in mlps)
+    assert all(type(mlp) is families.FusedGatedMLP and mlp.config.hidden_act == activation for mlp in mlps)
     tokens = torch.randint(0, 300, (2, 16))
 
     def loss_and_grads():
