@@ -80,7 +80,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def package_of(module: str) -> str:
-    """sparsedist.train.trainer -> sparsedist.train; sparsedist.cli -> itself; sparsedist_kernels.masks -> its root."""
+    """sparsedist.train.trainer -> sparsedist.train; sparsedist.cli -> itself; sparsedist_kernels.mvue -> its root."""
     parts = module.split(".")
     return ".".join(parts[:2]) if parts[0] == "sparsedist" else parts[0]
 

@@ -8,11 +8,11 @@ interpreter objects, so each kernel module compiles in a subprocess without it (
 as a script), with a fresh Triton cache, so that every case really compiles.
 
 The launches are the wrappers' own: the subprocess calls each public wrapper on small CPU
-tensors of every dtype it accepts (and every N:M `nm_prune` accepts, every scale kind of
-`soft_threshold`, small and large seeds and offsets of `mvue24`, both gated activations
-forward and backward) with `JITFunction.run` replaced by a recorder, then derives each
-launch's signature, constexprs, `tt.divisibility` attributes and options with Triton's own
-launcher code (its binder and `_pack_args`, private to Triton 3.9) for the target. Each
+tensors of every dtype it accepts (and every scale kind of `soft_threshold`, small and large
+seeds and offsets of `mvue24`, both gated activations forward and backward) with
+`JITFunction.run` replaced by a recorder, then derives each launch's signature, constexprs,
+`tt.divisibility` attributes and options with Triton's own launcher code (its binder and
+`_pack_args`, private to Triton 3.9) for the target. Each
 distinct launch compiles for sm_80 and sm_90 as specialised (16-byte-aligned pointers, sizes
 divisible by 16), and for sm_90 with nothing known about alignment.
 """
@@ -29,7 +29,7 @@ import pytest
 
 CCS = (80, 90)
 UNALIGNED_CC = 90
-MODULES = ("gated", "masks", "mvue", "soft_threshold")
+MODULES = ("gated", "mvue", "soft_threshold")
 
 
 def _gated_calls() -> None:
@@ -41,20 +41,6 @@ def _gated_calls() -> None:
         for activation in (gated.swiglu, gated.geglu):
             gate, up = (torch.zeros(64, dtype=dtype, requires_grad=True) for _ in range(2))
             activation(gate, up).backward(torch.zeros(64, dtype=dtype))
-
-
-def _masks_calls() -> None:
-    import torch
-
-    from sparsedist_kernels import masks
-
-    for dtype in masks._FLOATS:
-        weight = torch.zeros(16, 64, dtype=dtype)
-        for m in masks.NM_GROUPS:
-            for n in range(m + 1):
-                masks.nm_prune(weight, n, m)
-        bits = masks.transposable_mask_bits(weight)
-        masks.masked_decay_(torch.zeros(16, 64), weight, bits, 2e-4)
 
 
 def _mvue_calls() -> None:

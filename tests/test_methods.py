@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,6 +197,36 @@ def test_sste_forward_is_scaled_soft_threshold_with_frozen_beta_and_identity_bac
         layer.weight.mul_(3.0)
     method.end(0)
     assert float(layer.beta) == pytest.approx(beta, rel=1e-5), "β is computed once, never again"
+
+
+def test_sste_forward_through_the_triton_kernel_matches_the_torch_path(monkeypatch):
+    """The CUDA path (the soft-threshold kernel, here in Triton's interpreter) through the layer's own forward."""
+    pytest.importorskip("triton")
+    module = importlib.import_module("sparsedist.sparsity.soft_threshold")  # the package re-exports the function
+
+    _, method = setup("sste")
+    layer = first(method)
+    x = torch.randn(4, layer.in_features)
+    reference = layer(x)
+    reference.backward(torch.ones_like(reference))
+    reference_grad, layer.weight.grad = layer.weight.grad, None
+    weight = layer.weight.detach()
+    calls = []
+    monkeypatch.setattr(module, "_use_kernel", lambda w: calls.append(w.shape) or True)
+    fused = layer(x)
+    assert calls, "the kernel path did not run"
+    assert torch.equal(fused, reference)  # fp32 weight and β: bit for bit
+    fused.backward(torch.ones_like(fused))
+    assert torch.equal(layer.weight.grad, reference_grad)  # still the identity STE
+    for dtype in (torch.bfloat16, torch.float16):  # the kernel rounds once, the reference twice
+        w = weight.to(dtype)
+        kernel_out = module.scaled_soft_threshold(w, layer.beta)
+        monkeypatch.setattr(module, "_use_kernel", lambda w: False)
+        torch_out = module.scaled_soft_threshold(w, layer.beta)
+        monkeypatch.setattr(module, "_use_kernel", lambda w: True)
+        assert kernel_out.dtype == torch_out.dtype == dtype
+        assert torch.equal(kernel_out != 0, torch_out != 0)
+        torch.testing.assert_close(kernel_out.float(), torch_out.float(), rtol=2.0**-6, atol=0)
 
 
 def test_sste_finalize_delivers_the_forward_weights():

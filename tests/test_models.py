@@ -53,3 +53,31 @@ def test_model_config_refusals():
         model_config(ModelConfig(family="llama", config={**SIZES["llama"], "vocab_size": 100}), 300, 32, 0)
     with pytest.raises(ValueError, match="n_wings: not a GPT2Config setting"):
         model_config(ModelConfig(family="gpt2", config={"n_wings": 2}), 300, 32, 0)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
+def test_llama_mlp_through_the_fused_gated_kernel_matches_hugging_face(monkeypatch, activation):
+    """The CUDA path (swiglu or geglu, here in Triton's interpreter) through the model's own forward and backward."""
+    pytest.importorskip("triton")
+    from sparsedist.models import families
+
+    cfg = ModelConfig(family="llama", config={**SIZES["llama"], "hidden_act": activation})
+    model = build_model(cfg, model_config(cfg, vocab_size=300, seq_len=32, eos_id=0), seed=0)
+    mlps = [block.mlp for block in FAMILIES["llama"].blocks(model)]
+    assert all(type(mlp) is families.FusedGatedMLP and mlp.config.hidden_act == activation for mlp in mlps)
+    tokens = torch.randint(0, 300, (2, 16))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(tokens, labels=tokens).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    reference, reference_grads = loss_and_grads()
+    calls = []
+    monkeypatch.setattr(families, "_use_kernel", lambda gate: calls.append(gate.shape) or True)
+    fused, fused_grads = loss_and_grads()
+    assert len(calls) == len(mlps), "the kernel path did not run in every MLP"
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(fused_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

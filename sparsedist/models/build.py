@@ -10,7 +10,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from sparsedist.config.schema import ModelConfig
 from sparsedist.errors import ModelConfigError
-from sparsedist.models.families import FAMILIES, Family, conv1d_to_linear, linear_to_conv1d_state
+from sparsedist.models.families import (
+    FAMILIES,
+    Family,
+    conv1d_to_linear,
+    fuse_gated_activations,
+    linear_to_conv1d_state,
+)
 
 
 def model_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int,
@@ -80,6 +86,7 @@ def build_model(cfg: ModelConfig, config: PretrainedConfig, seed: int) -> nn.Mod
         model = family.model_class(config)
     if family.conv1d:
         conv1d_to_linear(model)
+    fuse_gated_activations(model)
     return model
 
 

@@ -8,6 +8,28 @@ from __future__ import annotations
 
 import torch
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _use_kernel(weight: torch.Tensor) -> bool:
+    """Whether `scaled_soft_threshold` runs the Triton kernel: CUDA tensors (tests force it on the CPU)."""
+    return weight.is_cuda
+
+
+def scaled_soft_threshold(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """scale·S(W), not differentiable: S-STE's forward weight, with `scale` its 0-dim β.
+
+    On CUDA (fp32, bf16, fp16) one pass of `sparsedist_kernels.soft_threshold`, which reads β on
+    the device and writes only the result; elsewhere `scale.to(W.dtype) * soft_threshold(W)`.
+    Kept entries are the same; the values are equal bit for bit for an fp32 weight and β, else
+    within one rounding to W's dtype (the kernel rounds once, the reference twice).
+    """
+    if _use_kernel(weight) and weight.dtype in _KERNEL_DTYPES:
+        from sparsedist_kernels.soft_threshold import soft_threshold as soft_threshold_kernel
+
+        return soft_threshold_kernel(weight, scale)
+    return scale.to(weight.dtype) * soft_threshold(weight.detach())
+
 
 def soft_threshold(weight: torch.Tensor) -> torch.Tensor:
     """S(W): in each group the two largest |w| become sign(w)·(|w| − t), the other two 0.

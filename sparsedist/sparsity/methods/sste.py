@@ -16,12 +16,12 @@ from sparsedist.config import sparsity as configs
 from sparsedist.sparsity.layer import SparseLinear, straight_through
 from sparsedist.sparsity.methods.base import SparsityMethod
 from sparsedist.sparsity.product import Product
-from sparsedist.sparsity.soft_threshold import soft_threshold, soft_threshold_scale
+from sparsedist.sparsity.soft_threshold import scaled_soft_threshold, soft_threshold, soft_threshold_scale
 
 
 def soft_threshold_weight(layer: SparseLinear) -> torch.Tensor:
-    """β·S(W) in the forward, identity in the backward."""
-    return straight_through(layer.weight, lambda w: layer.beta.to(w.dtype) * soft_threshold(w))
+    """β·S(W) in the forward (the Triton kernel on CUDA), identity in the backward."""
+    return straight_through(layer.weight, lambda w: scaled_soft_threshold(w, layer.beta))
 
 
 class SSTE(SparsityMethod):
