@@ -137,7 +137,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         out = prepare_dataset(recipe.data, recipe.train.seed)
     else:
         out = prepare_dataset(DataConfig(), seed=0)
-    print(f"prepared {out}")
+    print(f"prepared {', '.join(map(str, out))}")
     return 0
 
 

@@ -128,7 +128,7 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions | None
     runtime = init_runtime()
     try:
         backend = ParallelBackend(ParallelConfig(backend="none"), runtime)
-        tokenizer = load_tokenizer(recipe.data.dir / "tokenizer")
+        tokenizer = load_tokenizer(recipe.data.tokenizer_dir)
         config = model_config(recipe.model, len(tokenizer), recipe.data.seq_len, tokenizer.eos_token_id)
         student = build_student(recipe, backend, config, train=False)
         load_state(checkpoint, backend, student.method.store, student.model, None)

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from sparsedist.config.schema import Recipe
-from sparsedist.data import check_source
+from sparsedist.data import check_source, missing_sources
 from sparsedist.errors import RecipeError
 from sparsedist.models import count_parameters, model_config
 from sparsedist.parallel.backend import ParallelBackend
@@ -50,10 +50,7 @@ def deferred(recipe: Recipe) -> list[tuple[str, Path | str, str]]:
         out.append(("model.pretrained", pretrained, "the weights' config.json against model.config"))
     if data.tokenizer is not None and not data.tokenizer.exists():
         out.append(("data.tokenizer", data.tokenizer, "the tokenizer"))
-    try:
-        check_source(data.model_copy(update={"tokenizer": None}))
-    except ValueError:  # names data.source: no file matches it, and it is not prepared
-        out.append(("data.source", data.source, "the data source"))
+    out += [(key, source, "the data source") for key, source, _ in missing_sources(data)]
     if recipe.distill.weight > 0 and teacher != "self" and not teacher.exists():
         out.append(("distill.teacher.path", teacher, "the teacher's vocabulary"))
     return out
@@ -77,14 +74,7 @@ def check_inputs(recipe: Recipe, config: PretrainedConfig, skip: set[str] = froz
     pretrained = recipe.model.pretrained
     if pretrained is not None and "model.pretrained" not in skip and not (pretrained / "config.json").is_file():
         raise RecipeError(f"model.pretrained: {pretrained} holds no config.json")
-    data = recipe.data
-    if skip & {"data.tokenizer", "data.source"}:
-        data = data.model_copy(update={"tokenizer": None if "data.tokenizer" in skip else data.tokenizer,
-                                       "source": "embedded" if "data.source" in skip else data.source})
-    try:
-        check_source(data)
-    except ValueError as err:
-        raise RecipeError(str(err)) from None
+    check_source(recipe.data, skip)
     teacher = recipe.distill.teacher.path
     if recipe.distill.weight > 0 and teacher != "self" and "distill.teacher.path" not in skip:
         if not (teacher / "config.json").is_file():

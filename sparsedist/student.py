@@ -58,8 +58,8 @@ def converted_model(recipe: Recipe, config: PretrainedConfig, backend: ParallelB
 def prune_before_training(model: nn.Module, family: Family, recipe: Recipe) -> None:
     """One-shot prune the full model (every rank alike; each keeps its own rows once sharded)."""
     cfg = recipe.sparsity
-    calibration = calibration_batches(recipe.data.dir / "train", recipe.data.seq_len, cfg.calibration_sequences,
-                                      batch_size=8, seed=recipe.train.seed)
+    calibration = calibration_batches(recipe.data.parts[0].dir / "train", recipe.data.seq_len,
+                                      cfg.calibration_sequences, batch_size=8, seed=recipe.train.seed)
     prune_oneshot(model, family, target_linears(model, family, cfg), cfg.oneshot, calibration, cfg.n, cfg.m)
 
 

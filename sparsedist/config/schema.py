@@ -34,6 +34,20 @@ class ModelConfig(Section):
     """The size the recipe promises (e.g. 1.3e9); `sparsedist plan` refuses a model 10% off it."""
 
 
+MIN_BLEND_SHARE = 1e-4
+"""The smallest share of a blend a part may have (the blend lays out 2^16 samples at a time)."""
+
+
+class DataPart(Section):
+    """One dataset of a blend: where it comes from, where it is prepared, its weight."""
+
+    source: str
+    """As `data.source`, except `embedded`."""
+    dir: Path
+    weight: float = Field(gt=0)
+    """Relative: the part's share of the training samples is weight / the sum of the weights."""
+
+
 class DataConfig(Section):
     """The token source and how samples are cut from it."""
 
@@ -41,12 +55,47 @@ class DataConfig(Section):
     """`embedded` (Shakespeare + Milton), a local path/glob of .txt/.jsonl files, or `hf:NAME[:CONFIG]`."""
     dir: Path = Path("data/shakespeare")
     """Where the prepared tokenizer and indexed .bin/.idx files live."""
+    sources: list[DataPart] = Field(default_factory=list)
+    """A weighted blend of several datasets, which replaces `source` and `dir` (a recipe can blend
+    what its base names as one source; docs/data.md). Each part
+    is prepared into its own `dir` with one tokenizer (`tokenizer`, or the one trained on the first
+    part); training samples come from the parts in proportion to their weights, each part cycling
+    through its own epochs; validation and one-shot calibration read the parts the same way and the
+    first part, respectively."""
     seq_len: int = Field(256, gt=0)
     vocab_size: int = Field(8192, gt=0)
     valid_fraction: float = Field(0.05, gt=0, lt=1)
     """Share of whole documents held out for validation (not used by the embedded corpus)."""
     tokenizer: Path | None = None
     """An existing tokenizer directory; by default one is trained on the training split."""
+
+    @model_validator(mode="after")
+    def _one_kind_of_source(self) -> DataConfig:
+        if not self.sources:
+            return self
+        total = sum(part.weight for part in self.sources)
+        seen: set[Path] = set()
+        for i, part in enumerate(self.sources):
+            if part.source == "embedded":
+                raise ValueError(f"data.sources.{i}.source: the embedded corpus trains its own tokenizer and "
+                                 "cannot be part of a blend")
+            if part.dir in seen:
+                raise ValueError(f"data.sources.{i}.dir: {part.dir} is named by two parts")
+            seen.add(part.dir)
+            if part.weight / total < MIN_BLEND_SHARE:
+                raise ValueError(f"data.sources.{i}.weight: {part.weight} is less than {MIN_BLEND_SHARE:g} of "
+                                 f"the total {total:g}")
+        return self
+
+    @property
+    def parts(self) -> list[DataPart]:
+        """The datasets the run reads: `sources`, or `source` prepared into `dir` with weight 1."""
+        return self.sources or [DataPart(source=self.source, dir=self.dir, weight=1.0)]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The prepared tokenizer every part shares (the first part's copy)."""
+        return self.parts[0].dir / "tokenizer"
 
 
 class TeacherConfig(Section):

@@ -4,22 +4,26 @@ from sparsedist.data.corpus import (
     VALIDATION_WORKS,
     Document,
     check_source,
+    missing_sources,
     prepare_dataset,
     prepare_embedded,
     prepare_text_source,
 )
-from sparsedist.data.loader import TokenBatches, TokenWindows, eval_batches
+from sparsedist.data.loader import BLOCK, Blend, TokenBatches, TokenWindows, eval_batches
 from sparsedist.data.tokenizer import EOS_TOKEN, load_tokenizer, train_tokenizer
 
 __all__ = [
+    "BLOCK",
     "EOS_TOKEN",
     "VALIDATION_WORKS",
     "Document",
+    "Blend",
     "TokenBatches",
     "TokenWindows",
     "eval_batches",
     "load_tokenizer",
     "check_source",
+    "missing_sources",
     "prepare_dataset",
     "prepare_embedded",
     "prepare_text_source",

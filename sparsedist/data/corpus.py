@@ -26,7 +26,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -86,30 +86,61 @@ def normalise_text(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def prepare_dataset(config: DataConfig, seed: int) -> Path:
-    """Prepare the data section of a recipe: the embedded corpus or a text source, into `config.dir`."""
-    if config.source == "embedded":
+def prepare_dataset(config: DataConfig, seed: int) -> list[Path]:
+    """Prepare the data section of a recipe, each of its parts into its own directory; returns them.
+
+    The embedded corpus, or each text source of `config.parts` in order: with `config.tokenizer`,
+    or with the tokenizer trained on the first part (the other parts reuse that one).
+    """
+    if config.source == "embedded" and not config.sources:
         if config.tokenizer is not None:
             raise RecipeError("data.tokenizer: the embedded corpus trains its own tokenizer; leave it unset")
-        return prepare_embedded(config.dir, config.vocab_size)
-    return prepare_text_source(
-        config.source, config.dir, config.tokenizer, config.vocab_size, config.valid_fraction, seed
-    )
+        return [prepare_embedded(config.dir, config.vocab_size)]
+    tokenizer, out = config.tokenizer, []
+    for part in config.parts:
+        out.append(prepare_text_source(part.source, part.dir, tokenizer, config.vocab_size, config.valid_fraction,
+                                       seed))
+        tokenizer = tokenizer or part.dir / "tokenizer"
+    _check_one_tokenizer(config)
+    return out
 
 
-def check_source(config: DataConfig) -> None:
-    """Raise ValueError naming the key when the local files a preparation of `config` reads are missing
-    (a source already prepared into `config.dir` needs none; hub and embedded sources are fetched)."""
-    if config.tokenizer is not None and not (config.tokenizer / "tokenizer.json").is_file():
+def _check_one_tokenizer(config: DataConfig) -> None:
+    """Every part of a blend holds the first part's tokenizer (one prepared earlier, with another, is refused)."""
+    first = sha256_file(config.tokenizer_dir / "tokenizer.json")
+    for i, part in enumerate(config.parts[1:], start=1):
+        if sha256_file(part.dir / "tokenizer" / "tokenizer.json") != first:
+            raise RecipeError(f"data.sources.{i}.dir: {part.dir} was prepared with another tokenizer than "
+                              f"{config.parts[0].dir}; remove it to prepare it again")
+
+
+def check_source(config: DataConfig, skip: Set[str] = frozenset()) -> None:
+    """Raise RecipeError naming the key when a local file a preparation of `config` reads is missing.
+
+    Keys in `skip` (`data.tokenizer`, or a source's key from `missing_sources`) are not checked.
+    """
+    if "data.tokenizer" not in skip and config.tokenizer is not None \
+            and not (config.tokenizer / "tokenizer.json").is_file():
         raise RecipeError(f"data.tokenizer: {config.tokenizer} holds no tokenizer.json")
-    manifest = config.dir / MANIFEST
-    prepared = manifest.is_file() and json.loads(manifest.read_text()).get("request", {}).get("source") == config.source
-    if config.source == "embedded" or config.source.startswith("hf:") or prepared:
-        return
-    try:
-        _expand(config.source)
-    except FileNotFoundError as err:
-        raise RecipeError(f"data.source: {err}") from None
+    for key, _, problem in missing_sources(config):
+        if key not in skip:
+            raise RecipeError(f"{key}: {problem}")
+
+
+def missing_sources(config: DataConfig) -> list[tuple[str, str, str]]:
+    """(key, source, what is wrong) of each local source whose files do not exist and that is not prepared
+    (hub and embedded sources are fetched)."""
+    out = []
+    for i, part in enumerate(config.parts):
+        manifest = part.dir / MANIFEST
+        prepared = manifest.is_file() and json.loads(manifest.read_text()).get("request", {}).get("source") == part.source
+        if part.source == "embedded" or part.source.startswith("hf:") or prepared:
+            continue
+        try:
+            _expand(part.source)
+        except FileNotFoundError as err:
+            out.append((f"data.sources.{i}.source" if config.sources else "data.source", part.source, str(err)))
+    return out
 
 
 def prepare_embedded(out_dir: Path, vocab_size: int = 8192) -> Path:

@@ -65,12 +65,12 @@ class Trainer:
         if runtime.is_main:
             prepare_dataset(recipe.data, recipe.train.seed)
         torch.distributed.barrier()
-        self.tokenizer = load_tokenizer(recipe.data.dir / "tokenizer")
+        self.tokenizer = load_tokenizer(recipe.data.tokenizer_dir)
         t, d = recipe.train, recipe.data
-        self.train_data = TokenBatches(d.dir / "train", d.seq_len, t.global_batch, t.micro_batch,
-                                       runtime.rank, runtime.world_size, t.seed)
-        self.eval_data = eval_batches(d.dir / "valid", d.seq_len, recipe.eval.micro_batch,
-                                      runtime.rank, runtime.world_size, recipe.eval.sequences)
+        self.train_data = TokenBatches([(p.dir / "train", p.weight) for p in d.parts], d.seq_len, t.global_batch,
+                                       t.micro_batch, runtime.rank, runtime.world_size, t.seed)
+        self.eval_data = eval_batches([(p.dir / "valid", p.weight) for p in d.parts], d.seq_len,
+                                      recipe.eval.micro_batch, runtime.rank, runtime.world_size, recipe.eval.sequences)
         config = model_config(recipe.model, len(self.tokenizer), d.seq_len, self.tokenizer.eos_token_id)
         if recipe.distill.weight > 0 and recipe.distill.teacher.placement == "precomputed":
             precompute_teacher(recipe, config, self.backend, self.train_data)  # before the student exists
