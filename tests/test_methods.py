@@ -107,6 +107,21 @@ def test_pruned_weight_share_is_the_norm_share_off_the_mask():
     assert method.metrics()["pruned_weight_share"] == pytest.approx(pruned / total)
 
 
+def test_pruned_near_zero_counts_pruned_weights_small_against_their_layers_kept_rms():
+    _, method = setup("srste")
+    near = pruned = 0
+    with torch.no_grad():
+        for i, layer in enumerate(method.layers.values()):
+            mask = mask_of(layer)
+            rms = float(layer.weight[mask].square().mean().sqrt())
+            small = ~mask & (torch.rand_like(layer.weight) < 0.3 + 0.1 * i)  # a different share per layer
+            layer.weight[small] = 0.009 * rms * torch.sign(layer.weight[small])  # just inside 0.01·rms
+            layer.weight[~mask & ~small] = layer.weight[~mask & ~small].clamp(min=0.011 * rms)  # just outside
+            near, pruned = near + int(small.sum()), pruned + int((~mask).sum())
+    assert torch.equal(mask_of(first(method)), nm_mask(first(method).weight)), "the zeros stayed off the mask"
+    assert method.metrics()["pruned_near_zero"] == pytest.approx(near / pruned)
+
+
 # --- STE and SR-STE ---------------------------------------------------------------------
 
 def test_ste_forward_masks_and_backward_passes_straight_through():

@@ -32,6 +32,10 @@ Decide = Callable[[torch.Tensor], torch.Tensor]
 """Bool mask of a weight: of whole groups viewed [groups, m], or of whole rows [rows, in]."""
 
 
+NEAR_ZERO = 0.01
+"""`pruned_near_zero` counts pruned weights within this fraction of their layer's kept RMS."""
+
+
 class MaskStore:
     """The masks of one model's sparse layers (`layers`, by full name)."""
 
@@ -190,17 +194,30 @@ class MaskStore:
 
     @torch.no_grad()
     def statistics(self) -> dict[str, float]:
-        """Global statistics (all ranks call): masks' sparsity, flip rate of the latest refresh, and the share
-        of weight norm² still on pruned positions (how far the dense weights are from their 2:4 prune)."""
+        """Global statistics (all ranks call): masks' sparsity, flip rate of the latest refresh, the share of
+        weight norm² still on pruned positions (how far the dense weights are from their 2:4 prune), and the
+        share of pruned weights already near zero: |w| ≤ NEAR_ZERO × the root mean square of their layer's
+        kept weights (two collectives, one read-back)."""
         if not self.layers:
             return {}
-        sums = torch.zeros(4, dtype=torch.float64, device=self.backend.runtime.device)  # kept, total, pruned², all²
-        for _, piece, mask in self.local_pieces():
+        pieces = self.local_pieces()
+        device = self.backend.runtime.device
+        sums = torch.zeros(4 + 2 * len(pieces), dtype=torch.float64, device=device)  # kept, total, pruned², all²
+        for i, (_, piece, mask) in enumerate(pieces):  # then each layer's kept² and kept count
             sq = piece.weight.double().square()
-            sums += torch.stack([mask.sum().double(), torch.full_like(sums[0], mask.numel()), sq[~mask].sum(),
-                                 sq.sum()])
-        kept, total, pruned_sq, all_sq = self.backend.sum_over_ranks(sums).tolist()  # the one read-back
-        out = {"sparsity": 1.0 - kept / total, "pruned_weight_share": pruned_sq / all_sq if all_sq else 0.0}
+            sums[:4] += torch.stack([mask.sum().double(), torch.full_like(sums[0], mask.numel()), sq[~mask].sum(),
+                                     sq.sum()])
+            sums[4 + 2 * i : 6 + 2 * i] += torch.stack([sq[mask].sum(), mask.sum().double()])
+        sums = self.backend.sum_over_ranks(sums)
+        kept_sq, kept = sums[4:].view(-1, 2).unbind(1)
+        limits = NEAR_ZERO ** 2 * kept_sq / kept.clamp(min=1)
+        near = torch.zeros(1, dtype=torch.float64, device=device)
+        for i, (_, piece, mask) in enumerate(pieces):
+            near += (piece.weight.double().square()[~mask] <= limits[i]).sum()
+        near = self.backend.sum_over_ranks(near)
+        kept, total, pruned_sq, all_sq, near = torch.cat([sums[:4], near]).tolist()  # the one read-back
+        out = {"sparsity": 1.0 - kept / total, "pruned_weight_share": pruned_sq / all_sq if all_sq else 0.0,
+               "pruned_near_zero": near / (total - kept) if total > kept else 1.0}
         if self.flip_rate is not None:
             out["flip_rate"] = self.flip_rate
         return out
