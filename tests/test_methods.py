@@ -290,6 +290,8 @@ def test_ast_optimizer_puts_the_annealed_decay_inside_the_moments():
     layer, w0, grads = run_optimizer(method, model, 6, cfg)
     mask = mask_of(layer)
     assert [method.decay_at(s) for s in (0, 3, 5)] == pytest.approx([0.05 / 4, 0.05, 0.05])
+    _, share = setup("ast", total_steps=40, decay=0.05, decay_warmup=0.25)  # T₀ = 10 of 40 steps
+    assert [share.decay_at(s) for s in (0, 4, 9, 30)] == pytest.approx([0.005, 0.025, 0.05, 0.05])
 
     def u_of(t, w, m):
         return m + 0.05 * min(t / 4, 1.0) * (w * ~mask)
@@ -362,17 +364,23 @@ def test_cast_refreshes_before_the_update_and_finalize_folds_and_prunes():
     with torch.no_grad():
         layer.weight.neg_().add_(torch.randn_like(layer.weight))
     stale = layer.mask.clone()
-    method.end(9)
-    method.begin(9)
+    method.end(8)
+    method.begin(8)
     assert torch.equal(layer.mask, stale)
-    method.begin(10)
+    method.end(9)
+    assert torch.equal(layer.mask, stale), "not after an update"
+    method.begin(9)  # t = 10
     assert torch.equal(layer.mask, pack_mask(nm_mask(layer.weight)))
     with torch.no_grad():
         layer.scale.uniform_(0.5, 2.0)
     x = torch.randn(3, layer.in_features)
     dense_out = layer(x).detach()
+    last = layer.mask.clone()
+    with torch.no_grad():
+        layer.weight.neg_().add_(torch.randn_like(layer.weight))  # a recompute would choose other weights
     method.finalize()
     assert (layer.scale == 1).all()
+    assert torch.equal(layer.mask, last), "the last in-loop masks are the final ones"
     mask = mask_of(layer)
     assert (layer.weight[~mask] == 0).all()
     # the pruned model equals the scaled model with its pruned entries dropped

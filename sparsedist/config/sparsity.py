@@ -110,12 +110,19 @@ class AST(_SparseForward):
     refresh_interval: int = Field(10, gt=0)
     decay: float = Field(6e-5, ge=0)
     """λ_max of λ(t) = λ_max·min(t/T₀, 1) (GPT-2 code default 6e-5, README 1e-4; LLaMA2-7B 6e-5)."""
-    decay_warmup: int = Field(3000, ge=0)
-    """T₀ (GPT-2: 10k of 40k iterations; LLaMA2-7B: 3k of 15k)."""
+    decay_warmup: float = Field(0.2, ge=0)
+    """T₀: a share of train.steps when in (0, 1) (kept when the run's length changes), else whole steps
+    (0: no warm-up). AST: GPT-2 10k of 40k iterations (0.25), LLaMA2-7B 3k of 15k (0.2)."""
     slorb: bool = False
     """Add the SLoRB low-rank branch y += (x·Xᵀ)·Sᵀ (dense, 12.5% extra parameters at k=16)."""
     slorb_k: int = Field(16, gt=0)
     """Block size k of SLoRB: rank in/k."""
+
+    @model_validator(mode="after")
+    def _whole_warmup_steps(self) -> AST:
+        if self.decay_warmup >= 1 and not float(self.decay_warmup).is_integer():
+            raise ValueError(f"sparsity.decay_warmup: {self.decay_warmup} is neither a share in (0, 1) nor whole steps")
+        return self
 
 
 class CAST(_Method):

@@ -55,9 +55,15 @@ class AST(MomentAdamMethod):
                 pruned = (weight * ~self.store.full(layer)).reshape(weight.shape[0], -1, self.cfg.slorb_k)
                 self.backend.set_full(layer.branch.s, pruned.mean(-1))
 
+    @property
+    def decay_warmup_steps(self) -> int:
+        """T₀ in steps: `decay_warmup` itself, or its share of the run."""
+        warmup = self.cfg.decay_warmup
+        return max(1, round(warmup * self.total_steps)) if 0 < warmup < 1 else int(warmup)
+
     def decay_at(self, step: int) -> float:
         """λ(t) = λ_max·min(t/T₀, 1) at optimizer step `step` (t = step + 1)."""
-        warmup = self.cfg.decay_warmup
+        warmup = self.decay_warmup_steps
         return self.cfg.decay * (min((step + 1) / warmup, 1.0) if warmup else 1.0)
 
     def no_decay_parameters(self) -> set[int]:

@@ -7,8 +7,8 @@ second moment and the step come from μ̃, which is never written back. Masks ar
 recomputed every T₁ = 10 steps, before that step's update. Learnable weight scaling:
 A ∈ R^{out×n} (init 1) multiplies each contiguous segment of in/n inputs of a row; with
 4 | in/n a 2:4 group shares one scale, so scaling never changes which weights are kept.
-Self-distillation comes from the recipe's `distill` section. At the end the masks are
-recomputed, A is folded into W and W is hard-pruned.
+Self-distillation comes from the recipe's `distill` section. At the end A is folded into W
+and W is hard-pruned with the last masks.
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ class CAST(MomentAdamMethod):
         return (step + 1) / self.total_steps
 
     def begin(self, step: int) -> None:
-        """Masks are refreshed before the update of every T₁-th step (step 0 has the initial masks); the
-        forward is dense, so before the forward passes is the same as right before the update."""
-        if step and step % self.cfg.refresh_interval == 0:
+        """Masks are refreshed before the update of step t = step + 1 whenever T₁ divides t (the paper's
+        1-based t, as in α_t: steps 9, 19, … here); the forward is dense, so before the forward passes is
+        the same as right before the update."""
+        if (step + 1) % self.cfg.refresh_interval == 0:
             self.refresh()
 
     def end(self, step: int) -> None:
@@ -80,8 +81,8 @@ class CAST(MomentAdamMethod):
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """Final masks, scales folded into W, hard prune."""
-        self.refresh()
+        """Scales folded into W, hard prune with the masks AdamS used last (the last refresh: the weights
+        it decayed are the ones pruned; a recompute from the final W could swap near-ties)."""
         for layer in self.layers.values():
             weight, scale = self.backend.full_tensor(layer.weight), self.backend.full_tensor(layer.scale)
             self.backend.set_full(layer.weight, weight * expanded_scale(layer, scale) * self.store.full(layer))
