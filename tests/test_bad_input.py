@@ -41,6 +41,7 @@ CASES = [  # (command line, what its one-line error must say)
     ([*V, "sparsity={method: sste, n: 1}"], "sparsity.n: sste is defined for 2:4"),
     ([*V, "sparsity={method: srste, decay: -1}"], "sparsity.decay: Input should be greater than or equal to 0"),
     ([*V, "sparsity={method: cast, decay: -1e-7}"], "sparsity.decay: Input should be greater than or equal to 0"),
+    ([*V, "sparsity={method: cast, decay: automatic}"], "sparsity.decay: Input should be 'auto'"),
     ([*V, "sparsity={method: ast, decay_warmup: -3}"], "sparsity.decay_warmup: Input should be greater than or equal"),
     ([*V, "sparsity={method: ast, decay_warmup: 2.5}"], "sparsity.decay_warmup: 2.5 is neither a share"),
     ([*V, "sparsity={method: cast, scale_segments: 3}"], "sparsity.scale_segments: 32 inputs do not split into 3"),

@@ -331,6 +331,36 @@ def test_cast_adams_decays_pruned_slots_through_the_smoothed_moment_only():
     torch.testing.assert_close(layer.weight.detach(), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_cast_decay_auto_is_the_mean_corrected_momentum_on_pruned_slots_after_the_first_updates():
+    model, method = setup("cast", total_steps=40, decay="auto", decay_auto_steps=3, decay_auto_factor=2.0,
+                          refresh_interval=1000)
+    cfg = OptimConfig(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    optimizer = prepared_optimizer(model, method, cfg)
+    layer = first(method)
+    w0, grads = layer.weight.detach().clone(), []
+    for step in range(3):
+        method.begin(step)
+        torch.manual_seed(step)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) if p.requires_grad else None
+        grads.append(layer.weight.grad.clone())
+        before_update(method, step)
+        optimizer.step()
+        assert method.decay is None
+        method.end(step)
+    pruned = [(optimizer.state[lay.weight]["exp_avg"], ~mask_of(lay)) for lay in method.layers.values()]
+    mean = sum(float(m[p].abs().sum()) for m, p in pruned) / sum(int(p.sum()) for _, p in pruned)
+    assert method.decay == pytest.approx(2.0 * mean / (1 - 0.9**3))
+    assert method.metrics()["decay"] == method.decay
+    no_decay = reference_moment_adam(w0, grads, lambda t, w, m: torch.where(mask_of(layer), m, (1 - t / 40) * m),
+                                     cfg.lr, cfg.betas, cfg.eps, 0.0)
+    torch.testing.assert_close(layer.weight.detach(), no_decay, rtol=1e-5, atol=1e-7)  # λ = 0 while measuring
+
+    _, resumed = setup("cast", total_steps=40, decay="auto", decay_auto_steps=3)
+    resumed.load_host_state(method.host_state())
+    assert resumed.decay == method.decay and not resumed._measuring(3)
+
+
 def test_cast_stored_momentum_is_the_raw_gradient_ema():
     model, method = setup("cast", total_steps=4, decay=0.5)
     cfg = OptimConfig(lr=1e-3, weight_decay=0.0)

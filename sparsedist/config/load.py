@@ -129,8 +129,12 @@ def dotted(parts: list[Any]) -> str:
     return ".".join(str(p) if str(p).isidentifier() or str(p).isdigit() else repr(str(p)) for p in parts)
 
 
+UNION_MEMBER = re.compile(r"constrained-\w+|literal\[.*\]|float|int|str|bool")
+"""pydantic's name for a member of a union in an error's location (`decay: float | 'auto'`), not a key."""
+
+
 def _describe(error: dict[str, Any]) -> str:
-    loc = list(error["loc"])
+    loc = [part for part in error["loc"] if not UNION_MEMBER.fullmatch(str(part))]
     if len(loc) > 1 and loc[0] == "sparsity" and loc[1] in METHOD_CONFIGS:
         loc.pop(1)  # the union's tag: the method is named in the message instead
         if error["type"] == "extra_forbidden":

@@ -132,8 +132,15 @@ class CAST(_Method):
     targets: Targets = "all_linear"
     refresh_interval: int = Field(10, gt=0)
     """T₁: masks recomputed every 10 steps, before that step's update."""
-    decay: float = Field(4e-7, ge=0)
-    """λ of AdamS (LLaMA2-7B: 4e-7); pulls pruned weights towards zero through μ̃."""
+    decay: Annotated[float, Field(ge=0)] | Literal["auto"] = 4e-7
+    """λ of AdamS (LLaMA2-7B: 4e-7); pulls pruned weights towards zero through μ̃. `auto`: measured
+    from the model (docs/methods.md): λ = decay_auto_factor × the mean bias-corrected |μ| on pruned
+    slots after the first decay_auto_steps updates, which run with λ = 0."""
+    decay_auto_steps: int = Field(10, gt=0)
+    """decay auto: the updates whose momentum sets λ (α_t ≤ decay_auto_steps/T while λ is 0)."""
+    decay_auto_factor: float = Field(1.0, gt=0)
+    """decay auto: λ in units of the pruned slots' mean |μ̂| (1: the decay outweighs a typical pruned
+    slot's momentum from α_t = 1/2 on)."""
     scale_segments: int = Field(2, gt=0)
     """n of the learnable weight scaling A ∈ R^{out×n}: one scale per contiguous segment of in/n inputs."""
 

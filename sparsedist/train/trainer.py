@@ -97,6 +97,7 @@ class Trainer:
         state = self.checkpointer.load(path, self.model, self.optimizer)
         if state.get("recipe_hash") != recipe_hash(self.recipe):
             log.warning("resuming %s with a recipe that differs from the one that wrote it", path)
+        self.method.load_host_state(state.get("method", {}))
         log.info("resumed from %s at step %d", path, state["step"])
         return state["step"], state.get("mlflow_run_id")
 
@@ -191,6 +192,7 @@ class Trainer:
             "recipe_hash": recipe_hash(self.recipe),
             "world_size": self.runtime.world_size,
             "recipe": self.recipe.model_dump(mode="json"),
+            "method": self.method.host_state(),
         })
 
     def _preempted(self, step: int, signum: int, saved: bool) -> dict[str, float]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel
@@ -125,6 +125,13 @@ class SparsityMethod:
         finally:
             for name, layer in self.layers.items():
                 layer.transform = trained[name]
+
+    def host_state(self) -> dict[str, Any]:
+        """Values the method decided during the run that its checkpoint must keep (JSON; the same on every rank)."""
+        return {}
+
+    def load_host_state(self, state: dict[str, Any]) -> None:
+        """Restore what `host_state` returned."""
 
     def metrics(self) -> dict[str, float]:
         """Global mask statistics (all ranks call)."""
