@@ -268,7 +268,8 @@ def reference_moment_adam(w, g_steps, u_of, lr, betas, eps, wd):
     return w
 
 
-def run_optimizer(method, model, steps: int, cfg: OptimConfig):
+def run_optimizer(method, model, steps: int, cfg: OptimConfig, after_step=None):
+    """`steps` optimizer steps on seeded random gradients; `after_step(step, optimizer)` after each update."""
     optimizer = prepared_optimizer(model, method, cfg)
     layer = first(method)
     w0 = layer.weight.detach().clone()
@@ -281,6 +282,8 @@ def run_optimizer(method, model, steps: int, cfg: OptimConfig):
         grads.append(layer.weight.grad.clone())
         before_update(method, step)
         optimizer.step()
+        if after_step is not None:
+            after_step(step, optimizer)
     return layer, w0, grads
 
 
@@ -335,19 +338,15 @@ def test_cast_decay_auto_is_the_mean_corrected_momentum_on_pruned_slots_after_th
     model, method = setup("cast", total_steps=40, decay="auto", decay_auto_steps=3, decay_auto_factor=2.0,
                           refresh_interval=1000)
     cfg = OptimConfig(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    optimizer = prepared_optimizer(model, method, cfg)
-    layer = first(method)
-    w0, grads = layer.weight.detach().clone(), []
-    for step in range(3):
-        method.begin(step)
-        torch.manual_seed(step)
-        for p in model.parameters():
-            p.grad = torch.randn_like(p) if p.requires_grad else None
-        grads.append(layer.weight.grad.clone())
-        before_update(method, step)
-        optimizer.step()
+    optimizers = []
+
+    def end(step, optimizer):
         assert method.decay is None
         method.end(step)
+        optimizers.append(optimizer)
+
+    layer, w0, grads = run_optimizer(method, model, 3, cfg, after_step=end)
+    optimizer = optimizers[-1]
     pruned = [(optimizer.state[lay.weight]["exp_avg"], ~mask_of(lay)) for lay in method.layers.values()]
     mean = sum(float(m[p].abs().sum()) for m, p in pruned) / sum(int(p.sum()) for _, p in pruned)
     assert method.decay == pytest.approx(2.0 * mean / (1 - 0.9**3))

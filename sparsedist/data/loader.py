@@ -83,6 +83,12 @@ class Blend:
         self.shuffle = shuffle
         self._block = lru_cache(maxsize=2)(self._layout)
 
+    @classmethod
+    def of(cls, parts: Path | Sequence[Part], seq_len: int, seed: int, shuffle: bool) -> Blend:
+        """The blend of one split's prefix (weight 1) or of weighted prefixes."""
+        parts = [(parts, 1.0)] if isinstance(parts, Path) else list(parts)
+        return cls([TokenWindows(prefix, seq_len) for prefix, _ in parts], [w for _, w in parts], seed, shuffle)
+
     def samples(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(part, sample within the part) of each position."""
         parts, within = self._locate(positions)
@@ -148,12 +154,10 @@ class TokenBatches:
     def __init__(self, parts: Path | Sequence[Part], seq_len: int, global_batch: int, micro_batch: int,
                  rank: int, world_size: int, seed: int, shuffle: bool = True):
         _check_layout(global_batch, micro_batch, rank, world_size)
-        parts = [(parts, 1.0)] if isinstance(parts, Path) else list(parts)
-        self.blend = Blend([TokenWindows(prefix, seq_len) for prefix, _ in parts], [w for _, w in parts],
-                           seed, shuffle)
+        self.blend = Blend.of(parts, seq_len, seed, shuffle)
         self.num_samples = sum(part.num_samples for part in self.blend.windows)
-        if len(parts) == 1 and self.num_samples < global_batch:
-            raise ValueError(f"{parts[0][0]}: {self.num_samples} samples of {seq_len + 1} tokens are fewer than "
+        if len(self.blend.windows) == 1 and self.num_samples < global_batch:
+            raise ValueError(f"{self.blend.windows[0].prefix}: {self.num_samples} samples of {seq_len + 1} tokens are fewer than "
                              f"one global batch of {global_batch}")
         self.global_batch = global_batch
         self.micro_batch = micro_batch
@@ -187,17 +191,16 @@ def eval_batches(parts: Path | Sequence[Part], seq_len: int, micro_batch: int, r
     those samples, whatever the world size.
     """
     _check_layout(world_size * micro_batch, micro_batch, rank, world_size)
-    parts = [(parts, 1.0)] if isinstance(parts, Path) else list(parts)
-    blend = Blend([TokenWindows(prefix, seq_len) for prefix, _ in parts], [w for _, w in parts], 0, False)
+    blend = Blend.of(parts, seq_len, 0, False)
     available = np.array([part.num_samples for part in blend.windows])
     total = _largest_apportioned(blend, available, world_size) if sequences is None else sequences
     if total % world_size:
         raise ValueError(f"{total} evaluation sequences do not divide between {world_size} ranks")
     counts = blend.taken(total)
     if total < 1 or np.any(counts > available):
-        raise ValueError(f"{', '.join(str(p) for p, _ in parts)}: {', '.join(map(str, available))} samples of "
+        raise ValueError(f"{', '.join(str(w.prefix) for w in blend.windows)}: {', '.join(map(str, available))} samples of "
                          f"{seq_len + 1} tokens; {total} requested")
-    part_of = np.repeat(np.arange(len(parts)), counts)
+    part_of = np.repeat(np.arange(len(counts)), counts)
     sample_of = np.concatenate([np.arange(n) for n in counts])
     per_rank = total // world_size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
