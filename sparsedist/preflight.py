@@ -50,7 +50,7 @@ def deferred(recipe: Recipe) -> list[tuple[str, Path | str, str]]:
         out.append(("model.pretrained", pretrained, "the weights' config.json against model.config"))
     if data.tokenizer is not None and not data.tokenizer.exists():
         out.append(("data.tokenizer", data.tokenizer, "the tokenizer"))
-    out += [(key, source, "the data source") for key, source, _ in missing_sources(data)]
+    out += [(key, source, f"the data source ({key})") for key, source, _ in missing_sources(data)]
     if recipe.distill.weight > 0 and teacher != "self" and not teacher.exists():
         out.append(("distill.teacher.path", teacher, "the teacher's vocabulary"))
     return out
