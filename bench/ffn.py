@@ -75,7 +75,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, "fp8": 0.15}
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")
 KERNEL_MIN_FEATURES = SparsePretrain.model_fields["kernel_min_features"].default
 CPU_NOTE = ("On the CPU the 2:4 variants run the masked dense product in fp32 (PyTorch's 2:4 kernels are CUDA-only "
-            "and bf16/fp16) and FP8 is emulated: these figures measure the CPU paths' overhead, not a speed-up. "
+            "and bf16/fp16) and FP8 is emulated: these figures measure the CPU paths' overhead, not a speed-up (every "
+            "variant runs the same fp32 GEMMs, so the kernel column's spread is the shared machine's noise). "
             "The GPU targets (≥ 1.5× for 2:4 at d ≥ 2048, ≥ 2× for FP8 + 2:4, on H100/H200) are unmeasured until "
             "`bench/gpu_check.sh` runs on one.")
 
@@ -153,6 +154,7 @@ def check(layers: nn.ModuleDict, variant: str, x: torch.Tensor, grad: torch.Tens
     ref_x = x.detach().float().requires_grad_()
     ref = ffn(ref_x, {name: (lambda t, w=w: F.linear(t, w)) for name, w in weights.items()})
     ref.backward(grad.float())
+    release_weight_forms(layers)
     errors = {"out": relative([out], [ref]), "∇X": relative([x.grad], [ref_x.grad]),
               "∇W": relative([layer.weight.grad for layer in layers.values()], [w.grad for w in weights.values()])}
     tolerance = TOLERANCE["fp8" if VARIANTS[variant][2].fp8 else x.dtype]
@@ -198,12 +200,14 @@ def ffn_rows(shape: str, tokens: int, repeats: int, device: torch.device, dtype:
                 release_weight_forms(layers)
 
             step()
+            kernel = kernel_seconds(step, repeats, device)
             seconds = [0.0]
             for layer in layers.values():
                 layer.weight_forms = TimedForms(seconds)
             for _ in range(repeats):
                 step()
-            kernel = kernel_seconds(step, repeats, device)
+            for layer in layers.values():  # timed without the synchronisations of TimedForms
+                layer.weight_forms = WeightForms(keep=True)
             results[variant] = dict(errors=errors, failure=failure, kernel=kernel, compression=seconds[0] / repeats)
             steps[variant] = step
         except Exception as err:  # reported in the table; the other variants go on
