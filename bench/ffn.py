@@ -1,7 +1,7 @@
 """One FFN's forward + backward, dense against 2:4 (STE, transposable, transposable + MVUE), FP8 and FP8 + 2:4.
 
     python bench/ffn.py [--shapes NAME ...] [--tokens N ...] [--repeats R] [--inject-failure VARIANT]
-                        [--step] [--out PATH]
+                        [--step [--step-count N]] [--out PATH]
 
 Each variant's FFN is built from `SparseLinear`s as training builds them: its method's mask (N:M magnitude or
 transposable) packed into the layer, its `Product`, W̃'s compressed and quantised forms kept for one step and
@@ -21,7 +21,8 @@ interleaved rounds after a warm-up. Kernel: the mean per step over `--repeats` p
 the device time of every CUDA kernel, or on the CPU of the self CPU time of the matrix products (`GEMMS`): the
 rest of the wall time is overhead (mask unpacking, M⊙W, activations, FP8 casts, autograd, Python). Compression:
 the mean seconds per step spent making W̃'s kept forms (compressed W̃ and W̃ᵀ, quantised W̃). `--step` adds one
-training step of a 1.3B Llama (`bench/train_step.py`: dense against `sparse_pretrain`). Prints the tables;
+training step of a 1.3B Llama, a tiny one on the CPU (`bench/train_step.py`'s settings: dense against
+`sparse_pretrain`). Prints the tables;
 `--out PATH` also writes them as a section of PATH.
 """
 
@@ -211,7 +212,7 @@ def ffn_rows(shape: str, tokens: int, repeats: int, device: torch.device, dtype:
             results[variant] = dict(errors=errors, failure=failure, kernel=kernel, compression=seconds[0] / repeats)
             steps[variant] = step
         except Exception as err:  # reported in the table; the other variants go on
-            results[variant] = dict(failure=f"raised {type(err).__name__}: {str(err).splitlines()[0]}")
+            results[variant] = dict(failure=f"raised {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
     wall = timed(steps, repeats)
     base = results.get("dense", {})
     rows, failed, label = [], [], f"| {shape} | {d} | {width} {'SwiGLU' if gated else 'GELU'} | {tokens}"
