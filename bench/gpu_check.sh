@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one run: device info, the kernel-compile and CUDA-contract tests (and on a GPU the products'
 # GPU tests), bench/ffn.py and bench/train_step.py, each stage under a timeout and the next run whatever it gave;
-# a pass/fail summary at the end (exit 1 if a stage failed). Sized for a 10-minute GPU session on an H100/H200;
-# without a GPU the benches run short settings, so the script itself is checked on a CPU.
+# a pass/fail summary at the end (exit 1 if a stage failed). The timeouts sum to 560 s, for one 10-minute GPU
+# session on an H100/H200; without a GPU the benches run short settings, so the script itself is checked on a CPU.
 #
 #     bench/gpu_check.sh OUTDIR        (PYTHON: the interpreter, default python)
 set -u
@@ -36,15 +36,16 @@ else
     ffn=(--shapes tiny --tokens 64 --repeats 1)
     train=(--steps 2 --methods dense sparse_pretrain)
 fi
-stage info 60 "$py" -c "
-import torch
-print('torch', torch.__version__, '· CUDA', torch.version.cuda, '· available', torch.cuda.is_available())
+stage info 30 "$py" -c "
+import torch, triton
+print('torch', torch.__version__, '· CUDA', torch.version.cuda, '· Triton', triton.__version__,
+      '· available', torch.cuda.is_available())
 if torch.cuda.is_available():
     print(torch.cuda.get_device_name(), '· capability', torch.cuda.get_device_capability(),
           '· cuSPARSELt', torch.backends.cusparselt.is_available(), torch.backends.cusparselt.version())"
-stage tests 240 "$py" -m pytest "${tests[@]}" -q -p no:cacheprovider
+stage tests 150 "$py" -m pytest "${tests[@]}" -q -p no:cacheprovider
 stage ffn 180 "$py" bench/ffn.py "${ffn[@]}" --out "$out/ffn.md"
-stage train_step 300 "$py" bench/train_step.py "${train[@]}" --out "$out/train_step.md"
+stage train_step 200 "$py" bench/train_step.py "${train[@]}" --out "$out/train_step.md"
 
 echo "=== summary (logs and tables in $out)"
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
