@@ -1,13 +1,17 @@
 """Validation perplexity of every method on the embedded corpus, over seeds, against dense.
 
-    python bench/quality.py --regime a|b [--seeds 0 1 2] [--pretrain-steps N] [--retrain-fraction F]
+    python bench/quality.py --regime a|b|c [--seeds 0 1 2] [--pretrain-steps N] [--retrain-fraction F]
 
 Regime a: the dense model trained 1250 steps (a few epochs), retrained to 2:4 with 25% of its
 tokens. Regime b: trained 5000 steps (close to convergence), retrained with 3% (the papers
-retrain converged models with 0.4–2%); its from-scratch cells are those of regime a. Regime a
-pretrains once per seed; regime b, like the papers (one released checkpoint, retrained), pretrains
-once with the first seed and retrains that model with every seed, so its spread is the
-retraining's alone.
+retrain converged models with 0.4–2%) in 150 steps of 16 sequences: a short-budget stress test.
+Regime c: the same model and the same 3%, in the papers' proportions: 1200 steps of 2 sequences
+(≥ 1000 steps, ≥ 100 mask refreshes), every method at the pretraining peak lr / 15 (the CAST
+paper's rule, no per-method factor), 3% warm-up then cosine to 0.1·lr (the schedule of the
+shipped LLaMA recipes), CAST with `sparsity.decay: auto` and a sweep of its factor (×⅓, ×3).
+Regime a pretrains once per seed; regimes b and c, like the papers (one released checkpoint,
+retrained), pretrain once with the first seed and retrain that model with every seed, so their
+spread is the retraining's alone; c reuses b's pretrained model when both share a work dir.
 
 Per seed, with the tiny Llama of recipes/tiny (real runs through `sparsedist train`, one
 process, MLflow store under the work dir):
@@ -81,20 +85,40 @@ class Regime:
     """One pretrained model (the first seed's) retrained with every seed, rather than one per seed."""
     retrain_lr_scale: float = 1.0
     """Multiplies each retraining recipe's lr (so AST and CAST keep their 0.4× of AdamW's)."""
+    retrain_lr: float | None = None
+    """Every retraining method's lr, replacing the recipe's (and `retrain_lr_scale`)."""
+    retrain_batch: int = 16
+    """Sequences per retraining step (pretraining: 16); the steps follow from the token budget."""
+    cast_auto: bool = False
+    """CAST with `sparsity.decay: auto`, and cells of its factor ×⅓ and ×3."""
 
 
+PRETRAIN_BATCH, PRETRAIN_PEAK_LR = 16, 2e-3
 REGIMES = {"a": Regime(1250, 0.25, scratch_cells=True, shared_start=False),
-           "b": Regime(5000, 0.03, scratch_cells=False, shared_start=True, retrain_lr_scale=2 / 15)}
+           "b": Regime(5000, 0.03, scratch_cells=False, shared_start=True, retrain_lr_scale=2 / 15),
+           "c": Regime(5000, 0.03, scratch_cells=False, shared_start=True, retrain_lr=PRETRAIN_PEAK_LR / 15,
+                       retrain_batch=2, cast_auto=True)}
 """Regime b retrains a converged model at the CAST paper's rule, the pretraining peak lr / 15 (2e-3 / 15
-for the plain recipes' 1e-3): at regime a's lr its dense continuation ends worse than its start."""
+for the plain recipes' 1e-3; AST and CAST keep their further 0.4×): at regime a's lr its dense continuation
+ends worse than its start. Regime c applies the rule to every method as it stands."""
+CAST_FACTORS = (1 / 3, 3.0)
+CAST_STATISTICS = ("decay", "pruned_weight_share", "pruned_near_zero")
+"""Logged at the last step before `finalize`: λ, the share of weight norm² on pruned slots, and the share of
+pruned weights below 1% of their layer's kept RMS."""
 CHECKPOINT_INTERVAL = 250
 
 
-def cells(retrain_steps: int, pretrain_steps: int, scratch_cells: bool, lr_scale: float = 1.0) -> list[Cell]:
+def cells(retrain_steps: int, pretrain_steps: int, regime: Regime) -> list[Cell]:
+    lr_scale = regime.retrain_lr_scale
+
     def retrain(recipe: str, scale: float = lr_scale) -> tuple[str, ...]:
-        lr = load_recipe(RECIPES / recipe).optim.lr * scale
-        return (f"train.steps={retrain_steps}", f"schedule.warmup_steps={max(1, retrain_steps // 20)}",
-                f"optim.lr={lr:.4g}")
+        lr = regime.retrain_lr or load_recipe(RECIPES / recipe).optim.lr * scale
+        warmup = max(1, round(retrain_steps * (0.03 if regime.retrain_lr else 0.05)))
+        return (f"train.steps={retrain_steps}", f"schedule.warmup_steps={warmup}", f"optim.lr={lr:.4g}")
+
+    def cast(factor: float | None) -> tuple[str, ...]:
+        auto = () if factor is None else ("sparsity.decay=auto", f"sparsity.decay_auto_factor={factor:.4g}")
+        return (*retrain("cast.yaml"), *auto)
 
     scratch = (f"train.steps={pretrain_steps}",)
     return [
@@ -108,18 +132,22 @@ def cells(retrain_steps: int, pretrain_steps: int, scratch_cells: bool, lr_scale
         Cell("SR-STE", "srste.yaml", retrain("srste.yaml")),
         Cell("AST", "ast.yaml", retrain("ast.yaml"), baseline=CEILING_KD),
         Cell("AST + SLoRB", "ast-slorb.yaml", retrain("ast-slorb.yaml"), baseline=CEILING_KD),
-        Cell("CAST", "cast.yaml", retrain("cast.yaml"), baseline=CEILING_KD),
+        *([Cell("CAST, λ auto", "cast.yaml", cast(1.0), baseline=CEILING_KD),
+           *(Cell(f"CAST, λ auto ×{factor:.2g}", "cast.yaml", cast(factor), baseline=CEILING_KD)
+             for factor in CAST_FACTORS)]
+          if regime.cast_auto else [Cell("CAST", "cast.yaml", cast(None), baseline=CEILING_KD)]),
         *([Cell("CAST at its recipe's lr", "cast.yaml", retrain("cast.yaml", 1.0), baseline=CEILING_KD)]
-          if lr_scale != 1 else []),  # AdamS moves a masked weight ≤ Σ lr_t·t/T in all: a scaled lr may not reach 0
+          if lr_scale != 1 and not regime.retrain_lr else []),
         *([Cell("sparse_pretrain (from scratch)", "sparse-pretrain.yaml", scratch, stage="scratch",
                 baseline=DENSE_PRETRAINED),
            Cell("S-STE (from scratch)", "sste.yaml", scratch, stage="scratch", baseline=DENSE_PRETRAINED)]
-          if scratch_cells else []),
+          if regime.scratch_cells else []),
     ]
 
 
-def run_cell(cell: Cell, seed: int, workdir: Path, start: Path) -> float:
-    """Train one cell (unless its result is already there) and return its validation perplexity."""
+def run_cell(cell: Cell, seed: int, workdir: Path, start: Path, batch: int) -> dict[str, float]:
+    """Train one cell (unless its result is already there) and return its `val_ppl` (and, for CAST, the
+    `CAST_STATISTICS`); retraining cells run `batch` sequences per step."""
     out = workdir / f"seed{seed}" / cell.slug
     result = out / "result.json"
     if not result.exists():
@@ -127,8 +155,9 @@ def run_cell(cell: Cell, seed: int, workdir: Path, start: Path) -> float:
             f"train.seed={seed}", f"train.output_dir={out}", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
             "tracking.experiment=quality", f"tracking.run_name={cell.label} seed {seed}",
             "parallel.nproc_per_node=1", "parallel.backend=none", "eval.sequences=null", "eval.interval=100000",
-            f"checkpoint.interval={CHECKPOINT_INTERVAL}", "checkpoint.keep=1", "train.global_batch=16",
-            "train.micro_batch=16",
+            f"checkpoint.interval={CHECKPOINT_INTERVAL}", "checkpoint.keep=1",
+            *(f"train.{key}={PRETRAIN_BATCH if cell.stage in ('pretrain', 'scratch') else batch}"
+              for key in ("global_batch", "micro_batch")),
             *([] if cell.stage in ("pretrain", "scratch") else [f"model.pretrained={start}"]),
             *cell.overrides,
         ]
@@ -138,8 +167,8 @@ def run_cell(cell: Cell, seed: int, workdir: Path, start: Path) -> float:
         with open(out / "train.log", "a") as log:
             subprocess.run([sys.executable, "-m", "sparsedist", "train", str(RECIPES / cell.recipe), *overrides],
                            check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
-        result.write_text(json.dumps({"val_ppl": read_ppl(workdir, out, cell.initial)}))
-    return json.loads(result.read_text())["val_ppl"]
+        result.write_text(json.dumps(read_result(workdir, out, cell.initial)))
+    return json.loads(result.read_text())
 
 
 def mlflow_run(workdir: Path, out: Path):
@@ -150,11 +179,14 @@ def mlflow_run(workdir: Path, out: Path):
     return MlflowClient(f"sqlite:///{workdir}/mlflow.db"), run_id
 
 
-def read_ppl(workdir: Path, out: Path, initial: bool) -> float:
+def read_result(workdir: Path, out: Path, initial: bool) -> dict[str, float]:
+    """The cell's validation perplexity (at step 0 with `initial`, else after `finalize`) and the last logged
+    `CAST_STATISTICS` it has, from its MLflow run."""
     client, run_id = mlflow_run(workdir, out)
     if initial:
-        return next(m.value for m in client.get_metric_history(run_id, "val_ppl") if m.step == 0)
-    return client.get_run(run_id).data.metrics["final_val_ppl"]
+        return {"val_ppl": next(m.value for m in client.get_metric_history(run_id, "val_ppl") if m.step == 0)}
+    metrics = client.get_run(run_id).data.metrics
+    return {"val_ppl": metrics["final_val_ppl"], **{key: metrics[key] for key in CAST_STATISTICS if key in metrics}}
 
 
 def mean_sd(values: list[float], spec: str) -> str:
@@ -169,40 +201,50 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pretrain-steps", type=int, help="default: the regime's")
     parser.add_argument("--retrain-fraction", type=float, help="default: the regime's")
-    parser.add_argument("--workdir", type=Path, help="default: runs/quality (regime a), runs/quality-b")
+    parser.add_argument("--workdir", type=Path, help="default: runs/quality (regime a), runs/quality-b (b, c)")
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
     args = parser.parse_args()
     regime = REGIMES[args.regime]
     args.pretrain_steps = args.pretrain_steps or regime.pretrain_steps
     args.retrain_fraction = args.retrain_fraction or regime.retrain_fraction
-    args.workdir = args.workdir or Path("runs/quality" if args.regime == "a" else f"runs/quality-{args.regime}")
-    retrain_steps = max(1, round(args.pretrain_steps * args.retrain_fraction))
-    table = cells(retrain_steps, args.pretrain_steps, regime.scratch_cells, regime.retrain_lr_scale)
-    results: dict[str, list[float]] = {cell.label: [] for cell in table}
+    args.workdir = args.workdir or Path("runs/quality" if args.regime == "a" else "runs/quality-b")
+    retrain_steps = max(1, round(args.pretrain_steps * args.retrain_fraction * PRETRAIN_BATCH / regime.retrain_batch))
+    table = cells(retrain_steps, args.pretrain_steps, regime)
+    results: dict[str, list[dict[str, float]]] = {cell.label: [] for cell in table}
     for seed in args.seeds:
         start = None
         for cell in table:
             cell_seed = args.seeds[0] if cell.stage == "pretrain" and regime.shared_start else seed
-            ppl = run_cell(cell, cell_seed, args.workdir.resolve(), start)
-            results[cell.label].append(ppl)
+            workdir = args.workdir.resolve() / (f"regime-{args.regime}" if cell.stage == "retrain" and
+                                                  args.regime == "c" else "")
+            results[cell.label].append(run_cell(cell, cell_seed, workdir, start, regime.retrain_batch))
             if cell.stage == "pretrain":
                 start = args.workdir.resolve() / f"seed{cell_seed}" / cell.slug / "model"
     lines = ["| model | validation ppl (mean ± sd) | vs its dense baseline, per seed (mean ± sd) | baseline | seeds |",
              "|---|---|---|---|---|"]
+    ppl = {label: [result["val_ppl"] for result in values] for label, values in results.items()}
     for cell in table:
-        values = results[cell.label]
-        ratios = [value / base for value, base in zip(values, results[cell.baseline], strict=True)]
+        values = ppl[cell.label]
+        ratios = [value / base for value, base in zip(values, ppl[cell.baseline], strict=True)]
         lines.append(f"| {cell.label} | {mean_sd(values, '.2f')} | {mean_sd(ratios, '.3f')}× | {cell.baseline} | "
                      f"{len(values)} |")
+    cast_rows = [f"| {label} | " + " | ".join(mean_sd([r[key] for r in values], ".3g") for key in CAST_STATISTICS)
+                 + " |" for label, values in results.items() if values and CAST_STATISTICS[0] in values[0]]
+    if cast_rows:
+        lines += ["", "CAST before `finalize` (the last logged step; mean ± sd over seeds):", "",
+                  "| cell | λ | pruned share of weight norm² | pruned weights below 1% of the kept RMS |",
+                  "|---|---|---|---|", *cast_rows]
     text = "\n".join(lines)
     print(text)
     command = " ".join(["python bench/quality.py", *sys.argv[1:]])
     write_section(args.out, f"Validation perplexity by method, regime {args.regime} (embedded corpus, tiny Llama)", (
-        f"Command: `{command}` · pretraining {args.pretrain_steps} steps × 16 × 128 tokens · retraining "
-        f"{retrain_steps} steps ({args.retrain_fraction:.0%} of the pretraining tokens) · whole validation split "
+        f"Command: `{command}` · pretraining {args.pretrain_steps} steps × {PRETRAIN_BATCH} × 128 tokens · retraining "
+        f"{retrain_steps} steps × {regime.retrain_batch} × 128 tokens ({args.retrain_fraction:.0%} of the pretraining "
+        "tokens) · whole validation split "
         f"(Hamlet, The Tempest, the Sonnets, Paradise Regained) · seeds {args.seeds}"
         f"{f' (one model pretrained with seed {args.seeds[0]}, retrained with each)' if regime.shared_start else ''}"
         f"{f' · retraining lr {regime.retrain_lr_scale:.3g}× each recipe' if regime.retrain_lr_scale != 1 else ''}"
+        f"{f' · every method at lr {regime.retrain_lr:.3g}, 3% warm-up, cosine' if regime.retrain_lr else ''}"
         f".\n\n{text}"))
 
 
