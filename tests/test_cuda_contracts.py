@@ -249,14 +249,15 @@ def test_the_compressed_path_trains_as_the_masked_dense_one(kernels, monkeypatch
         torch.testing.assert_close(layer.weight, dense[0].method.layers[name].weight, rtol=1e-3, atol=1e-4)
 
 
-def test_fp8_quantises_w_once_per_step_and_x_and_the_gradient_once_per_micro_batch(monkeypatch):
+def test_fp8_quantises_w_once_per_step_and_each_x_and_gradient_once_per_micro_batch(monkeypatch):
     student, backend = _sparse_pretrain(False, fp8_products=True)
     made = []
     quantize = fp8.quantize
     monkeypatch.setattr(fp8, "quantize", lambda t, dtype: made.append(dtype) or quantize(t, dtype))
     _steps(student, backend, steps=2, micro=3)
     layers = len(student.method.layers)
-    assert made.count(E4M3) == 2 * layers * (1 + 3)  # W̃ once a step, X once per micro-batch
+    inputs = 2 * layers // 3  # per block gate and up read one X, down another
+    assert made.count(E4M3) == 2 * (layers + 3 * inputs)  # W̃ once a step, each distinct X once per micro-batch
     assert made.count(E5M2) == 2 * layers * 3  # ∇Z once per micro-batch, for both gradient products
 
 

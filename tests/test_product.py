@@ -93,6 +93,25 @@ def test_precision_fp8_reaches_the_ffn_layers_and_trains(method):
     assert all(torch.isfinite(layer.weight.grad).all() for layer in fp8_method.layers.values())
 
 
+def test_gate_and_up_quantize_their_shared_input_once(monkeypatch):
+    _, method = setup("ste", fp8=True)
+    gate, up = (next(layer for name, layer in method.layers.items() if name.endswith(f".mlp.{part}_proj"))
+                for part in ("gate", "up"))
+    quantized = []
+    real = fp8._quantized
+    monkeypatch.setattr(fp8, "_quantized", lambda t, dtype: quantized.append(t.shape) or real(t, dtype))
+    x = torch.randn(8, gate.in_features)
+    shared = (gate(x) * up(x)).sum()
+    assert quantized.count(x.shape) == 1  # the weights are quantized once each besides
+    x2 = x.clone()
+    separate = (gate(x) * up(x2)).sum()
+    assert quantized.count(x.shape) == 2
+    torch.testing.assert_close(shared, separate, rtol=0, atol=0)
+    x.mul_(2)  # modified in place: quantized again
+    gate(x)
+    assert quantized.count(x.shape) == 3
+
+
 def test_sparse_pretrain_layers_run_the_transposed_product_until_the_dense_phase():
     _, method = setup("sparse_pretrain", total_steps=6, kernel="semi_structured", kernel_min_features=0,
                       dense_finetune_fraction=0.5)

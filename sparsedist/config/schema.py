@@ -57,7 +57,7 @@ class DataConfig(Section):
     """Where the prepared tokenizer and indexed .bin/.idx files live."""
     sources: list[DataPart] = Field(default_factory=list)
     """A weighted blend of several datasets, which replaces `source` and `dir` (a recipe can blend
-    what its base names as one source; docs/data.md). Each part
+    what its base names as one source; docs/recipes.md). Each part
     is prepared into its own `dir` with one tokenizer (`tokenizer`, or the one trained on the first
     part); training samples come from the parts in proportion to their weights, each part cycling
     through its own epochs; validation and one-shot calibration read the parts the same way and the

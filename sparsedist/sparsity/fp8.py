@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 FORWARD = torch.float8_e4m3fn
 GRADIENT = torch.float8_e5m2
@@ -44,6 +45,20 @@ def quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     On CUDA the fused, compiled form; elsewhere the eager one (the reference: the same bits)."""
     t = t.detach()
     return fused_quantize()(t, dtype) if t.is_cuda else _quantized(t, dtype)
+
+
+_SHARED = WeakTensorKeyDictionary()
+"""tensor → ((its version, dtype), its quantized form), for `quantize_shared`; an entry goes with its tensor."""
+
+
+def quantize_shared(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize(t, dtype)`, made once for an input several layers read (a gated FFN's gate and up read one X):
+    reused while `t` lives and is not modified in place, and so saved for the backward once."""
+    key = (t._version, dtype)
+    entry = _SHARED.get(t)
+    if entry is None or entry[0] != key:
+        entry = _SHARED[t] = (key, quantize(t, dtype))
+    return entry[1]
 
 
 def padded(t: torch.Tensor, dim: int, multiple: int = 16) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsedist.sparsity import fp8
 from sparsedist.sparsity.masks import packed_width, unpack_rows
 from sparsedist.sparsity.product import Product, WeightForms
 
@@ -79,8 +80,8 @@ class SparseLinear(nn.Linear):
 
 
 class _ProductLinear(torch.autograd.Function):
-    """layer.product of x and transform(layer), saving x (FP8: its e4m3 form, quantised once) and the layer's
-    parameters rather than W̃."""
+    """layer.product of x and transform(layer), saving x (FP8: its e4m3 form, quantised once for every layer that
+    reads this x) and the layer's parameters rather than W̃."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: SparseLinear, *trained: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,11 @@ class _ProductLinear(torch.autograd.Function):
         kind = x.device.type  # the backward multiplies under the forward's autocast, as autocast's own ops do
         ctx.autocast = dict(device_type=kind, dtype=torch.get_autocast_dtype(kind),
                             enabled=torch.is_autocast_enabled(kind))
-        ctx.shape, ctx.quantized = x.shape, {} if layer.product.fp8 else None
+        ctx.shape = x.shape
+        ctx.quantized = None
+        if layer.product.fp8:
+            qx, inv_x = fp8.quantize_shared(x, fp8.FORWARD)
+            ctx.quantized = {"x": (qx.reshape(-1, x.shape[-1]), inv_x)}
         ctx.save_for_backward(*(trained if layer.product.fp8 else (x, *trained)))  # FP8 keeps its e4m3 X instead
         out = layer.product.forward(x.reshape(-1, x.shape[-1]), layer.transform(layer), ctx.forms, ctx.quantized)
         return out.reshape(*x.shape[:-1], -1)

@@ -156,12 +156,13 @@ class Product:
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, forms: WeightForms | None = None,
                 quantized: dict | None = None) -> torch.Tensor:
-        """Z = X·W̃ᵀ. With FP8, the e4m3 X goes into `quantized` for `grad_weight`."""
+        """Z = X·W̃ᵀ. With FP8, the e4m3 X is `quantized["x"]` where the caller gave it (several layers share
+        one), else made and put there for `grad_weight`."""
         forms = forms or WeightForms(keep=False)
         if self.fp8:
-            qx = fp8.quantize(x, fp8.FORWARD)
-            if quantized is not None:
-                quantized["x"] = qx
+            quantized = {} if quantized is None else quantized
+            qx = quantized.setdefault("x", None) or fp8.quantize(x, fp8.FORWARD)
+            quantized["x"] = qx
             qw = forms.get("fp8", lambda: fp8.quantize(weight, fp8.FORWARD))
             if (self._kernel(weight.device) and compressible(weight, fp8.FORWARD) and fp8.hardware_fp8(weight.device)
                     and torch.backends.cusparselt.is_available()):
