@@ -161,8 +161,7 @@ class Product:
         forms = forms or WeightForms(keep=False)
         if self.fp8:
             quantized = {} if quantized is None else quantized
-            qx = quantized.setdefault("x", None) or fp8.quantize(x, fp8.FORWARD)
-            quantized["x"] = qx
+            qx = quantized["x"] = quantized.get("x") or fp8.quantize(x, fp8.FORWARD)
             qw = forms.get("fp8", lambda: fp8.quantize(weight, fp8.FORWARD))
             if (self._kernel(weight.device) and compressible(weight, fp8.FORWARD) and fp8.hardware_fp8(weight.device)
                     and torch.backends.cusparselt.is_available()):
