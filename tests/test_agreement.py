@@ -89,13 +89,14 @@ def max_weight_diff(a: dict, b: dict) -> float:
 def test_one_step_from_the_same_state_gives_the_same_update(runs, layout):
     """Step 12 (a mask refresh, then AdamS's update) from the same checkpoint: the masks are decided on the
     same weights, so they are equal; the update differs only by the rounding of the gradient's reduction
-    (measured: max |Δw| 1e-7 = 3e-5·lr). Lost or misaligned moments, or another clipping norm, would move
-    weights by up to lr. The same layout twice gives the same bits."""
+    (measured: max |Δw| 1e-7 = 3e-5·lr, and once 3.5e-6 = 1.2e-3·lr under ZeRO-3 on a loaded machine: AdamS
+    divides by √v, which magnifies the rounding of a slot's tiny gradient). Lost or misaligned moments, or
+    another clipping norm, would move weights by up to lr. The same layout twice gives the same bits."""
     ref_masks, ref = masks_and_weights(runs["one"]["replay"]["state"])
     masks, weights = masks_and_weights(runs[layout]["replay"]["state"])
     assert masks.keys() == ref_masks.keys() and len(masks) == 14
     assert all(torch.equal(masks[k], ref_masks[k]) for k in masks)
-    assert max_weight_diff(weights, ref) <= 1e-3 * LR
+    assert max_weight_diff(weights, ref) <= 1e-2 * LR
     again = runs[layout]["again"]["state"]
     assert all(torch.equal(again[k], v) for k, v in runs[layout]["replay"]["state"].items())
 
