@@ -39,6 +39,10 @@ class NonFiniteError(SparsedistError, RuntimeError):
     """Training met non-finite values it may not go on with."""
 
 
+class DataError(SparsedistError, ValueError):
+    """A data source that cannot be read or prepared: names the file (and line) or the part at fault."""
+
+
 class EvalError(SparsedistError, ValueError):
     """A model, a data source or a request that evaluation or compression cannot use."""
 

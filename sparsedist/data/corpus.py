@@ -15,7 +15,6 @@ dataset that looks complete, nor loses the previous one. A second prepare with t
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -28,19 +27,18 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from transformers import PreTrainedTokenizerFast
 
-from sparsedist.errors import RecipeError
 from sparsedist.checkpoint.publish import recover, sha256_file, staged
+from sparsedist.data.sources import Document, Documents, expand, normalise_text
 from sparsedist.data.tokenizer import load_tokenizer, train_tokenizer
+from sparsedist.errors import DataError, RecipeError
 
 if TYPE_CHECKING:
     from sparsedist.config.schema import DataConfig
@@ -68,23 +66,6 @@ VALIDATION_WORKS: dict[str, tuple[str, ...]] = {
 }
 """The embedded corpus' validation split: whole works, every version of each (Gutenberg and Folio
 spellings, byte-identical copies); whichever copy survives deduplication is held out."""
-
-JSON_SUFFIXES = (".jsonl", ".json")
-TEXT_SUFFIXES = (".txt",)
-
-
-@dataclass(frozen=True)
-class Document:
-    """One document: a name that says where it came from, and its text."""
-
-    name: str
-    text: str
-
-
-def normalise_text(text: str) -> str:
-    """Line endings → `\\n`; nothing else changes."""
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
 
 def prepare_dataset(config: DataConfig, seed: int) -> list[Path]:
     """Prepare the data section of a recipe, each of its parts into its own directory; returns them.
@@ -133,12 +114,13 @@ def missing_sources(config: DataConfig) -> list[tuple[str, str, str]]:
     out = []
     for i, part in enumerate(config.parts):
         manifest = part.dir / MANIFEST
-        prepared = manifest.is_file() and json.loads(manifest.read_text()).get("request", {}).get("source") == part.source
+        request = json.loads(manifest.read_text()).get("request", {}) if manifest.is_file() else {}
+        prepared = request.get("source") == part.source
         if part.source == "embedded" or part.source.startswith("hf:") or prepared:
             continue
         try:
-            _expand(part.source)
-        except FileNotFoundError as err:
+            expand(part.source)
+        except DataError as err:
             out.append((f"data.sources.{i}.source" if config.sources else "data.source", part.source, str(err)))
     return out
 
@@ -200,7 +182,9 @@ def prepare_text_source(
         return out_dir
     _check_replaceable(out_dir)
     with staged(out_dir) as staging:
-        documents, source_info = _load_hub(source) if source.startswith("hf:") else _load_local(source)
+        documents = list(Documents(source))
+        source_info = {"name": source, "version": None, "sha256": None if source.startswith("hf:") else
+                       hashlib.sha256("".join(sha256_file(path) for path in expand(source)).encode()).hexdigest()}
         train, valid = split_documents(documents, valid_fraction, seed)
         if tokenizer_path is None:
             with _timed("tokenizer training"):
@@ -361,60 +345,6 @@ def _split_embedded(kept: Mapping[str, bytes], dropped: Mapping[str, str]) -> tu
     train = [doc for doc in documents if doc.name not in valid_names]
     valid = [doc for doc in documents if doc.name in valid_names]
     return train, valid
-
-
-# --- other text sources --------------------------------------------------------------------------
-
-
-def _load_local(pattern: str) -> tuple[list[Document], dict[str, Any]]:
-    """Documents of local `.txt` files (one file = one document) or `.jsonl` files (one line = one document)."""
-    files = _expand(pattern)
-    suffixes = {path.suffix for path in files}
-    if not suffixes <= set(TEXT_SUFFIXES) and not suffixes <= set(JSON_SUFFIXES):
-        raise ValueError(f"{pattern}: mixes or contains unsupported file types {sorted(suffixes)}; "
-                         f"use only {TEXT_SUFFIXES} or only {JSON_SUFFIXES}")
-    data_files = [str(path) for path in files]
-    with tempfile.TemporaryDirectory() as cache_dir:  # keep local corpora out of the shared HF cache
-        if suffixes <= set(TEXT_SUFFIXES):
-            rows = datasets.load_dataset("text", data_files=data_files, split="train", sample_by="document",
-                                         encoding_errors="replace", cache_dir=cache_dir)
-            names = data_files
-        else:
-            rows = datasets.load_dataset("json", data_files=data_files, split="train", cache_dir=cache_dir)
-            names = [f"{pattern}#{i}" for i in range(len(rows))]
-        texts = list(rows["text"])
-    if len(texts) != len(names):
-        raise RuntimeError(f"{pattern}: loaded {len(texts)} documents from {len(names)} files")
-    digest = hashlib.sha256("".join(sha256_file(path) for path in files).encode()).hexdigest()
-    return _documents(names, texts), {"name": pattern, "version": None, "sha256": digest}
-
-
-def _load_hub(source: str) -> tuple[list[Document], dict[str, Any]]:
-    """Documents of the `train` split of a `datasets` hub dataset, `hf:NAME[:CONFIG]` (field `text`)."""
-    name, _, config = source.removeprefix("hf:").partition(":")
-    rows = datasets.load_dataset(name, config or None, split="train")
-    texts = list(rows["text"])
-    names = [f"{source}#{i}" for i in range(len(texts))]
-    version = str(rows.info.version) if rows.info.version is not None else None
-    return _documents(names, texts), {"name": source, "version": version, "sha256": None}
-
-
-def _expand(pattern: str) -> list[Path]:
-    """The files a path, folder (searched recursively) or glob names, sorted."""
-    path = Path(pattern)
-    if path.is_dir():
-        files = [p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES]
-    else:
-        files = [Path(p) for p in glob.glob(pattern, recursive=True)]
-    files = sorted(p for p in files if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no .txt, .json or .jsonl files match {pattern!r}")
-    return files
-
-
-def _documents(names: Sequence[str], texts: Sequence[str]) -> list[Document]:
-    documents = [Document(name, normalise_text(text)) for name, text in zip(names, texts, strict=True)]
-    return [doc for doc in documents if doc.text.strip()]
 
 
 # --- output directory handling -------------------------------------------------------------------
