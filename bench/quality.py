@@ -39,6 +39,8 @@ import re
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,13 +93,16 @@ class Regime:
     """Sequences per retraining step (pretraining: 16); the steps follow from the token budget."""
     cast_auto: bool = False
     """CAST with `sparsity.decay: auto`, and cells of its factor ×⅓ and ×3."""
+    title: str = ""
+    """What the regime tests, in its section's title."""
 
 
 PRETRAIN_BATCH, PRETRAIN_PEAK_LR = 16, 2e-3
 REGIMES = {"a": Regime(1250, 0.25, scratch_cells=True, shared_start=False),
-           "b": Regime(5000, 0.03, scratch_cells=False, shared_start=True, retrain_lr_scale=2 / 15),
+           "b": Regime(5000, 0.03, scratch_cells=False, shared_start=True, retrain_lr_scale=2 / 15,
+                       title="a short-budget stress test"),
            "c": Regime(5000, 0.03, scratch_cells=False, shared_start=True, retrain_lr=PRETRAIN_PEAK_LR / 15,
-                       retrain_batch=2, cast_auto=True)}
+                       retrain_batch=2, cast_auto=True, title="the papers' proportions")}
 """Regime b retrains a converged model at the CAST paper's rule, the pretraining peak lr / 15 (2e-3 / 15
 for the plain recipes' 1e-3; AST and CAST keep their further 0.4×): at regime a's lr its dense continuation
 ends worse than its start. Regime c applies the rule to every method as it stands."""
@@ -108,17 +113,24 @@ pruned weights below 1% of their layer's kept RMS."""
 CHECKPOINT_INTERVAL = 250
 
 
+def retrain(recipe: str, steps: int, regime: Regime, scale: float | None = None) -> tuple[str, ...]:
+    """The overrides of a retraining cell of `steps` steps: the regime's lr (or the recipe's × `scale`, by default
+    the regime's scale) and warm-up."""
+    lr = regime.retrain_lr or load_recipe(RECIPES / recipe).optim.lr * (regime.retrain_lr_scale if scale is None
+                                                                          else scale)
+    warmup = max(1, round(steps * (0.03 if regime.retrain_lr else 0.05)))
+    return (f"train.steps={steps}", f"schedule.warmup_steps={warmup}", f"optim.lr={lr:.4g}")
+
+
+def cast(steps: int, regime: Regime, factor: float | None) -> tuple[str, ...]:
+    """A CAST cell's overrides: its recipe's λ, or `decay: auto` times `factor`."""
+    auto = () if factor is None else ("sparsity.decay=auto", f"sparsity.decay_auto_factor={factor:.4g}")
+    return (*retrain("cast.yaml", steps, regime), *auto)
+
+
 def cells(retrain_steps: int, pretrain_steps: int, regime: Regime) -> list[Cell]:
-    lr_scale = regime.retrain_lr_scale
-
-    def retrain(recipe: str, scale: float = lr_scale) -> tuple[str, ...]:
-        lr = regime.retrain_lr or load_recipe(RECIPES / recipe).optim.lr * scale
-        warmup = max(1, round(retrain_steps * (0.03 if regime.retrain_lr else 0.05)))
-        return (f"train.steps={retrain_steps}", f"schedule.warmup_steps={warmup}", f"optim.lr={lr:.4g}")
-
-    def cast(factor: float | None) -> tuple[str, ...]:
-        auto = () if factor is None else ("sparsity.decay=auto", f"sparsity.decay_auto_factor={factor:.4g}")
-        return (*retrain("cast.yaml"), *auto)
+    def overrides(recipe: str, scale: float | None = None) -> tuple[str, ...]:
+        return retrain(recipe, retrain_steps, regime, scale)
 
     scratch = (f"train.steps={pretrain_steps}",)
     return [
@@ -126,18 +138,18 @@ def cells(retrain_steps: int, pretrain_steps: int, regime: Regime) -> list[Cell]
         *(Cell(f"one-shot {name}", "retrain.yaml",
                ("train.steps=1", "schedule.warmup_steps=0", f"sparsity={{method: ste, oneshot: {name}}}"),
                initial=True, stage="one-shot") for name in ONESHOT),
-        Cell(CEILING, "retrain.yaml", retrain("retrain.yaml")),
-        Cell(CEILING_KD, "retrain.yaml", (*retrain("retrain.yaml"), KD)),
-        Cell("STE", "ste.yaml", retrain("ste.yaml")),
-        Cell("SR-STE", "srste.yaml", retrain("srste.yaml")),
-        Cell("AST", "ast.yaml", retrain("ast.yaml"), baseline=CEILING_KD),
-        Cell("AST + SLoRB", "ast-slorb.yaml", retrain("ast-slorb.yaml"), baseline=CEILING_KD),
-        *([Cell("CAST, λ auto", "cast.yaml", cast(1.0), baseline=CEILING_KD),
-           *(Cell(f"CAST, λ auto ×{factor:.2g}", "cast.yaml", cast(factor), baseline=CEILING_KD)
+        Cell(CEILING, "retrain.yaml", overrides("retrain.yaml")),
+        Cell(CEILING_KD, "retrain.yaml", (*overrides("retrain.yaml"), KD)),
+        Cell("STE", "ste.yaml", overrides("ste.yaml")),
+        Cell("SR-STE", "srste.yaml", overrides("srste.yaml")),
+        Cell("AST", "ast.yaml", overrides("ast.yaml"), baseline=CEILING_KD),
+        Cell("AST + SLoRB", "ast-slorb.yaml", overrides("ast-slorb.yaml"), baseline=CEILING_KD),
+        *([Cell("CAST, λ auto", "cast.yaml", cast(retrain_steps, regime, 1.0), baseline=CEILING_KD),
+           *(Cell(f"CAST, λ auto ×{factor:.2g}", "cast.yaml", cast(retrain_steps, regime, factor), baseline=CEILING_KD)
              for factor in CAST_FACTORS)]
-          if regime.cast_auto else [Cell("CAST", "cast.yaml", cast(None), baseline=CEILING_KD)]),
-        *([Cell("CAST at its recipe's lr", "cast.yaml", retrain("cast.yaml", 1.0), baseline=CEILING_KD)]
-          if lr_scale != 1 and not regime.retrain_lr else []),
+          if regime.cast_auto else [Cell("CAST", "cast.yaml", cast(retrain_steps, regime, None), baseline=CEILING_KD)]),
+        *([Cell("CAST at its recipe's lr", "cast.yaml", overrides("cast.yaml", 1.0), baseline=CEILING_KD)]
+          if regime.retrain_lr_scale != 1 and not regime.retrain_lr else []),
         *([Cell("sparse_pretrain (from scratch)", "sparse-pretrain.yaml", scratch, stage="scratch",
                 baseline=DENSE_PRETRAINED),
            Cell("S-STE (from scratch)", "sste.yaml", scratch, stage="scratch", baseline=DENSE_PRETRAINED)]
@@ -145,9 +157,10 @@ def cells(retrain_steps: int, pretrain_steps: int, regime: Regime) -> list[Cell]
     ]
 
 
-def run_cell(cell: Cell, seed: int, workdir: Path, start: Path, batch: int) -> dict[str, float]:
+def run_cell(cell: Cell, seed: int, workdir: Path, start: Path | None, batch: int,
+             threads: int | None = None) -> dict[str, float]:
     """Train one cell (unless its result is already there) and return its `val_ppl` (and, for CAST, the
-    `CAST_STATISTICS`); retraining cells run `batch` sequences per step."""
+    `CAST_STATISTICS`); retraining cells run `batch` sequences per step, on `threads` (default: all) threads."""
     out = workdir / f"seed{seed}" / cell.slug
     result = out / "result.json"
     if not result.exists():
@@ -161,7 +174,7 @@ def run_cell(cell: Cell, seed: int, workdir: Path, start: Path, batch: int) -> d
             *([] if cell.stage in ("pretrain", "scratch") else [f"model.pretrained={start}"]),
             *cell.overrides,
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.cpu_count())}
         out.mkdir(parents=True, exist_ok=True)
         print(f"seed {seed}: {cell.label} (log: {out / 'train.log'})", flush=True)
         with open(out / "train.log", "a") as log:
@@ -169,6 +182,25 @@ def run_cell(cell: Cell, seed: int, workdir: Path, start: Path, batch: int) -> d
                            check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
         result.write_text(json.dumps(read_result(workdir, out, cell.initial)))
     return json.loads(result.read_text())
+
+
+def run_table(table: list[Cell], seeds: list[int], workdir: Path, regime: Regime, jobs: int,
+              subdir: Callable[[Cell], str]) -> dict[str, list[dict[str, float]]]:
+    """Every cell's results, one per seed in `seeds` order: the pretraining first with every thread, then the other
+    cells `jobs` at a time (cells are independent once their start exists), each under `workdir / subdir(cell)`."""
+    starts = {}
+    for seed in seeds:
+        pretrain = next(cell for cell in table if cell.stage == "pretrain")
+        cell_seed = seeds[0] if regime.shared_start else seed
+        run_cell(pretrain, cell_seed, workdir, None, regime.retrain_batch)
+        starts[seed] = workdir / f"seed{cell_seed}" / pretrain.slug / "model"
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {(cell.label, seed): pool.submit(
+            run_cell, cell, seeds[0] if cell.stage == "pretrain" and regime.shared_start else seed,
+            workdir / subdir(cell), starts[seed], regime.retrain_batch, threads)
+            for seed in seeds for cell in table}
+    return {cell.label: [futures[cell.label, seed].result() for seed in seeds] for cell in table}
 
 
 def mlflow_run(workdir: Path, out: Path):
@@ -202,6 +234,7 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, help="default: the regime's")
     parser.add_argument("--retrain-fraction", type=float, help="default: the regime's")
     parser.add_argument("--workdir", type=Path, help="default: runs/quality (regime a), runs/quality-b (b, c)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once after pretraining (threads shared)")
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
     args = parser.parse_args()
     regime = REGIMES[args.regime]
@@ -210,16 +243,8 @@ def main() -> None:
     args.workdir = args.workdir or Path("runs/quality" if args.regime == "a" else "runs/quality-b")
     retrain_steps = max(1, round(args.pretrain_steps * args.retrain_fraction * PRETRAIN_BATCH / regime.retrain_batch))
     table = cells(retrain_steps, args.pretrain_steps, regime)
-    results: dict[str, list[dict[str, float]]] = {cell.label: [] for cell in table}
-    for seed in args.seeds:
-        start = None
-        for cell in table:
-            cell_seed = args.seeds[0] if cell.stage == "pretrain" and regime.shared_start else seed
-            workdir = args.workdir.resolve() / (f"regime-{args.regime}" if cell.stage == "retrain" and
-                                                  args.regime == "c" else "")
-            results[cell.label].append(run_cell(cell, cell_seed, workdir, start, regime.retrain_batch))
-            if cell.stage == "pretrain":
-                start = args.workdir.resolve() / f"seed{cell_seed}" / cell.slug / "model"
+    results = run_table(table, args.seeds, args.workdir.resolve(), regime, args.jobs,
+                        lambda cell: f"regime-{args.regime}" if cell.stage == "retrain" and args.regime == "c" else "")
     lines = ["| model | validation ppl (mean ± sd) | vs its dense baseline, per seed (mean ± sd) | baseline | seeds |",
              "|---|---|---|---|---|"]
     ppl = {label: [result["val_ppl"] for result in values] for label, values in results.items()}
@@ -237,7 +262,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     command = " ".join(["python bench/quality.py", *sys.argv[1:]])
-    write_section(args.out, f"Validation perplexity by method, regime {args.regime} (embedded corpus, tiny Llama)", (
+    title = f"Validation perplexity by method, regime {args.regime}{f', {regime.title}' if regime.title else ''}"
+    write_section(args.out, f"{title} (embedded corpus, tiny Llama)", (
         f"Command: `{command}` · pretraining {args.pretrain_steps} steps × {PRETRAIN_BATCH} × 128 tokens · retraining "
         f"{retrain_steps} steps × {regime.retrain_batch} × 128 tokens ({args.retrain_fraction:.0%} of the pretraining "
         "tokens) · whole validation split "
