@@ -130,10 +130,8 @@ def build(shape: str, variant: str, device: torch.device, dtype: torch.dtype) ->
     layers = nn.ModuleDict()
     for name, (fan_in, fan_out) in {**({"gate": (d, width)} if gated else {}), "up": (d, width),
                                     "down": (width, d)}.items():
-        kernel = product.semi_structured and device.type == "cuda" and min(fan_in, fan_out) >= KERNEL_MIN_FEATURES
         layer = SparseLinear.from_linear(nn.Linear(fan_in, fan_out, bias=False, device=device, dtype=dtype), transform,
-                                         Product(kernel, product.transposable, product.mvue, product.fp8),
-                                         keep_weight_forms=True)
+                                         product.sized(fan_in, fan_out, KERNEL_MIN_FEATURES), keep_weight_forms=True)
         if decide is not None:
             layer.mask.data = pack_mask(decide(layer.weight.detach()))
         layers[name] = layer

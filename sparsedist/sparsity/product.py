@@ -26,7 +26,7 @@ runs: the same numbers. Which path runs where is in docs/kernels.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +137,11 @@ class Product:
     transposable: bool = False
     mvue: bool = False
     fp8: bool = False
+
+    def sized(self, in_features: int, out_features: int, min_features: int) -> Product:
+        """This product, with the 2:4 kernel only where both features are at least `min_features` (below, the
+        compression costs more than the kernel saves)."""
+        return replace(self, semi_structured=self.semi_structured and min(in_features, out_features) >= min_features)
 
     @property
     def plain(self) -> bool:

@@ -168,9 +168,9 @@ class SparsityMethod:
         if not re.search(family.ffn_pattern, name):
             return product
         kernel = getattr(self.cfg, "kernel", "masked_dense") == "semi_structured"  # methods with an N:M forward
-        large = min(linear.in_features, linear.out_features) >= getattr(self.cfg, "kernel_min_features", 0)
-        return Product(semi_structured=kernel and large, transposable=product.transposable, mvue=product.mvue,
-                       fp8=self.fp8)
+        return Product(semi_structured=kernel, transposable=product.transposable, mvue=product.mvue,
+                       fp8=self.fp8).sized(linear.in_features, linear.out_features,
+                                           getattr(self.cfg, "kernel_min_features", 0))
 
     def extend(self, layer: SparseLinear) -> None:
         """Add method state to a freshly converted layer (before sharding)."""
