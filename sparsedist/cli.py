@@ -53,10 +53,13 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_checked(path: str, overrides: list[str]) -> Recipe:
+    """The recipe, checked; a source too large to prepare as the run starts is refused (`check_prepare_size`)."""
+    from sparsedist.data import check_prepare_size
     from sparsedist.preflight import check_recipe
 
     recipe = load_recipe(path, overrides)
     check_recipe(recipe)
+    check_prepare_size(recipe.data, recipe.train.seed)
     return recipe
 
 
@@ -130,14 +133,30 @@ def cmd_slurm_render(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from sparsedist.config.schema import DataConfig
-    from sparsedist.data import prepare_dataset
+    from sparsedist.data import prepare_dataset, prepare_text_source
+    from sparsedist.errors import DataError
 
-    if args.recipe:
-        recipe = load_recipe(args.recipe, args.overrides)
-        out = prepare_dataset(recipe.data, recipe.train.seed)
+    if args.out is not None:
+        if args.target is None or args.overrides:
+            raise DataError("data prepare --out takes one SOURCE and no KEY=VALUE overrides")
+        if (args.shard is None) != (args.num_shards is None):
+            raise DataError("data prepare: --shard and --num-shards go together")
+        shard = (0, 1) if args.shard is None else (args.shard, args.num_shards)
+        out = [prepare_text_source(args.target, args.out, args.tokenizer, args.vocab_size, args.valid_fraction,
+                                   args.seed, args.workers, args.skip_malformed, shard)]
+    elif args.target:
+        recipe = load_recipe(args.target, args.overrides)
+        out = prepare_dataset(recipe.data, recipe.train.seed, args.workers, args.skip_malformed)
     else:
-        out = prepare_dataset(DataConfig(), seed=0)
+        out = prepare_dataset(DataConfig(), seed=0, workers=args.workers)
     print(f"prepared {', '.join(map(str, out))}")
+    return 0
+
+
+def cmd_data_merge(args: argparse.Namespace) -> int:
+    from sparsedist.data import merge_prepared
+
+    print(f"merged {len(args.parts)} parts into {merge_prepared(args.parts, args.out)}")
     return 0
 
 
@@ -326,10 +345,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_slurm_render)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("prepare", help="tokenize a recipe's data source (default: the embedded corpus)")
-    p.add_argument("recipe", nargs="?", help="recipe whose data section to prepare")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p = data.add_parser("prepare", help="tokenize a recipe's data section (default: the embedded corpus), or with "
+                        "--out one source, or one shard of it (docs/data.md)")
+    p.add_argument("target", nargs="?", metavar="RECIPE | SOURCE",
+                   help="a recipe whose data section to prepare; with --out, a source as data.source")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the recipe's overrides")
+    p.add_argument("--out", type=Path, help="prepare SOURCE into this directory (as data.dir)")
+    p.add_argument("--tokenizer", type=Path, help="with --out: a tokenizer directory (as data.tokenizer); default: "
+                   "train one on the training split")
+    p.add_argument("--vocab-size", type=_positive, default=8192, help="with --out: as data.vocab_size (default: "
+                   "%(default)s)")
+    p.add_argument("--valid-fraction", type=float, default=0.05, help="with --out: as data.valid_fraction (default: "
+                   "%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="with --out: as train.seed (default: %(default)s)")
+    p.add_argument("--shard", type=_non_negative, metavar="I", help="with --out: prepare only shard I of "
+                   "--num-shards (a disjoint part; join them with `sparsedist data merge`); needs --tokenizer")
+    p.add_argument("--num-shards", type=_positive, metavar="K")
+    p.add_argument("--workers", type=_positive, metavar="N", help="tokenizing processes (default: the CPUs this "
+                   "process may use)")
+    p.add_argument("--skip-malformed", action="store_true", help="skip and count malformed lines (bad JSON, no "
+                   "text field, bytes that are not UTF-8) instead of refusing the source")
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("merge", help="join the parts of every shard of one source into one prepared dataset")
+    p.add_argument("parts", nargs="+", type=Path, metavar="PART", help="the --out directories of the shards")
+    p.add_argument("--out", type=Path, required=True, help="the merged dataset's directory")
+    p.set_defaults(func=cmd_data_merge)
 
     p = sub.add_parser("export", help="finalize a checkpoint, verify its N:M weights, write a Hugging Face dir")
     p.add_argument("checkpoint", type=Path, help="a step folder of a run's checkpoints")

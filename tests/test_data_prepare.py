@@ -5,11 +5,22 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zstandard
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
+import sparsedist.data.corpus as corpus_module
+from conftest import MICRO
+from sparsedist.cli import main
+from sparsedist.config import load_recipe
+from sparsedist.config.schema import DataConfig, DataPart
+from sparsedist.data import EOS_TOKEN, check_prepare_size, merge_prepared, prepare_dataset, prepare_text_source
 from sparsedist.data.sources import Documents, expand, source_bytes
 from sparsedist.errors import DataError
 
@@ -82,3 +93,125 @@ def test_text_and_json_files_are_read_in_order(sources: Path) -> None:
         expand(str(sources / "b" / "*"))
     with pytest.raises(DataError, match="no .txt, .jsonl"):
         expand(str(sources / "nothing*.jsonl"))
+
+
+# --- preparation -----------------------------------------------------------------------------------
+
+PREPARE = {"vocab_size": 300, "valid_fraction": 0.1, "seed": 3}
+FILES = ("train.bin", "train.idx", "valid.bin", "valid.idx", "documents.jsonl.gz")
+
+
+@pytest.fixture(scope="module")
+def corpus(sources: Path) -> Path:
+    """`sources` and 300 more documents over a .jsonl.gz, a .json.zst and a .jsonl (with one malformed line)."""
+    rng = random.Random(1)
+    _write(sources / "big" / "x.jsonl.gz", _jsonl(rng, 120))
+    _write(sources / "big" / "y.json.zst", _jsonl(rng, 100, {50: b"not json"}))
+    _write(sources / "big" / "z.jsonl", _jsonl(rng, 80))
+    return sources
+
+
+def _source(corpus: Path) -> str:
+    return str(corpus / "*" / "*.j*")
+
+
+def _prepare(corpus: Path, out: Path, tokenizer: Path | None, **options) -> Path:
+    return prepare_text_source(_source(corpus), out, tokenizer, **PREPARE, skip_malformed=True, **options)
+
+
+def _cli(*args: str) -> None:
+    assert main(["data", *args]) == 0
+
+
+def _same_files(a: Path, b: Path) -> None:
+    for name in FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_shards_and_workers_give_the_same_files_as_one_process(corpus: Path, tmp_path: Path) -> None:
+    trained = _prepare(corpus, tmp_path / "trained", None, workers=1)
+    tokenizer = trained / "tokenizer"
+    one = _prepare(corpus, tmp_path / "one", tokenizer, workers=2)
+    _same_files(trained, one)
+    manifest = json.loads((one / "manifest.json").read_text())
+    assert manifest["malformed"]["count"] == 5 and manifest["format"] == 2
+    assert sum(manifest["splits"][s]["documents"] for s in ("train", "valid")) == 40 + 30 + 25 + 300 - 5
+    assert manifest["splits"]["valid"]["documents"] > 10
+
+    options = ["--tokenizer", str(tokenizer), "--vocab-size", "300", "--valid-fraction", "0.1", "--seed", "3",
+               "--skip-malformed", "--num-shards", "2"]
+    for shard, workers in ((0, "1"), (1, "2")):
+        _cli("prepare", _source(corpus), "--out", str(tmp_path / f"part{shard}"), "--shard", str(shard),
+             "--workers", workers, *options)
+    with pytest.raises(DataError, match=r"missing \[1\]"):
+        merge_prepared([tmp_path / "part0"], tmp_path / "merged")
+    _cli("merge", str(tmp_path / "part1"), str(tmp_path / "part0"), "--out", str(tmp_path / "merged"))
+    _same_files(one, tmp_path / "merged")
+    merged = json.loads((tmp_path / "merged" / "manifest.json").read_text())
+    assert merged["request"] == manifest["request"] and merged["splits"] == manifest["splits"]
+    assert [s["shard"] for s in merged["shards"]] == [[0, 2], [1, 2]] and merged["malformed"]["count"] == 5
+    before = (tmp_path / "merged" / "manifest.json").stat().st_mtime_ns
+    _prepare(corpus, tmp_path / "merged", tokenizer)  # the merged parts are that request, prepared
+    assert (tmp_path / "merged" / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_a_malformed_line_publishes_nothing(corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"part-0\.jsonl\.gz:4: not JSON"):
+        prepare_text_source(_source(corpus), tmp_path / "out", None, **PREPARE)
+    assert not (tmp_path / "out").exists()
+    assert main(["data", "prepare", str(corpus / "a"), "--out", str(tmp_path / "out"), "--shard", "0",
+                 "--num-shards", "2"]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tiny_corpus_keeps_a_document_in_each_split(tmp_path: Path) -> None:
+    rng = random.Random(2)
+    _write(tmp_path / "tiny.jsonl", _jsonl(rng, 3))
+    one = prepare_text_source(str(tmp_path / "tiny.jsonl"), tmp_path / "one", None, 300, 0.001, seed=0)
+    splits = json.loads((one / "manifest.json").read_text())["splits"]
+    assert (splits["train"]["documents"], splits["valid"]["documents"]) == (2, 1)
+    rows = [json.loads(line) for line in gzip.decompress((one / "documents.jsonl.gz").read_bytes()).splitlines()]
+    assert sorted(row["split"] for row in rows) == ["train", "train", "valid"]
+    for shard in (0, 1):
+        prepare_text_source(str(tmp_path / "tiny.jsonl"), tmp_path / f"p{shard}", one / "tokenizer", 300, 0.001, 0,
+                            shard=(shard, 2))
+    _same_files(prepare_text_source(str(tmp_path / "tiny.jsonl"), tmp_path / "given", one / "tokenizer", 300,
+                                    0.001, 0), merge_prepared([tmp_path / "p0", tmp_path / "p1"], tmp_path / "merged"))
+
+
+def test_a_vocabulary_above_65536_ids_is_stored_as_int32(corpus: Path, tmp_path: Path) -> None:
+    vocab = {EOS_TOKEN: 0, **{f"filler{i}": i + 1 for i in range(70_000)}}
+    vocab.update({word: 70_001 + i for i, word in enumerate(WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=EOS_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN).save_pretrained(tmp_path / "wide")
+    out = prepare_text_source(str(corpus / "b" / "clean.jsonl"), tmp_path / "out", tmp_path / "wide", 70_017, 0.2, 0)
+    assert json.loads((out / "manifest.json").read_text())["dtype"] == "int32"
+    dataset = IndexedDataset(str(out / "train"))
+    assert dataset.index.dtype == np.int32 and int(dataset[0].max()) > 70_000
+
+
+def test_a_blend_of_compressed_sources_is_prepared_with_one_tokenizer(corpus: Path, tmp_path: Path) -> None:
+    config = DataConfig(sources=[DataPart(source=str(corpus / "big" / "x.jsonl.gz"), dir=tmp_path / "x", weight=2),
+                                 DataPart(source=str(corpus / "big" / "y.json.zst"), dir=tmp_path / "y", weight=1)],
+                        vocab_size=300, valid_fraction=0.2)
+    with pytest.raises(DataError, match=r"y\.json\.zst:51: not JSON"):
+        prepare_dataset(config, seed=0)
+    assert prepare_dataset(config, seed=0, skip_malformed=True) == [tmp_path / "x", tmp_path / "y"]
+    assert (tmp_path / "x" / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "y" / "tokenizer" / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("command", ["train", "launch"])
+def test_train_and_launch_refuse_to_prepare_a_large_source(corpus: Path, tmp_path: Path, monkeypatch, capsys,
+                                                           command: str) -> None:
+    monkeypatch.setattr(corpus_module, "OFFLINE_PREPARE_BYTES", 1000)
+    overrides = [f"data.source={corpus / 'b' / 'clean.jsonl'}", f"data.dir={tmp_path / 'data'}", "data.vocab_size=300",
+                 f"train.output_dir={tmp_path / 'run'}"]
+    assert main([command, str(MICRO), *overrides]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"sparsedist: recipe error: data.source: {corpus / 'b' / 'clean.jsonl'} holds 0.0 GiB")
+    assert "\n" not in error and not (tmp_path / "run").exists()
+    prepare = shlex.split(error.split("prepare it first (docs/data.md): ")[1])
+    assert prepare[:3] == ["sparsedist", "data", "prepare"] and main(prepare[1:]) == 0
+    check_prepare_size(load_recipe(str(MICRO), overrides).data, seed=0)  # prepared: a run may start

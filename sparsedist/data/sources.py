@@ -96,6 +96,10 @@ class Documents:
         self.malformed = Malformed()
         self.bytes_read = 0
 
+    @property
+    def total_bytes(self) -> int | None:
+        return source_bytes(self.source)
+
     def __iter__(self) -> Iterator[Document]:
         self.malformed, self.bytes_read = Malformed(), 0
         if self.source.startswith("hf:"):

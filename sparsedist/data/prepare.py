@@ -1,0 +1,490 @@
+"""Streaming preparation: documents → megatron-core indexed splits, in memory that does not grow with the corpus.
+
+Every document has a place (`Place`): its split and one of `SLOTS` slots. For a text source both
+come from the blake2b digest of (seed, text) (`hashed_place`): the split is `valid` when the
+digest's first 8 bytes, read as a fraction of 2⁶⁴, fall below `valid_fraction`; the slot is its
+9th byte modulo `SLOTS`. No list of documents is ever held: where a document goes depends on it
+alone, wherever the corpus lies (duplicates share a split).
+
+A prepared split holds its documents slot after slot, each slot's in source order. A *part*
+(`write_part`) holds a contiguous range of slots — all of them, or shard I of K's
+`shard_slots(I, K)` — as one IndexedDataset per (split, slot) plus `documents-SS.jsonl.gz`.
+The main process reads and places the documents and writes them back in order; chunks of
+`CHUNK_DOCUMENTS` documents or `CHUNK_CHARS` characters are tokenized in a pool of worker
+processes, at most two per worker in flight. `merge_parts` appends the parts' slot files in slot
+order with `IndexedDatasetBuilder.add_index` (the token data is copied once), so the result is
+byte for byte the same for any number of workers and of shards.
+
+A tiny corpus whose valid (train) split would be empty gives it its train document of the
+smallest (valid document of the largest) fraction: the threshold moved just far enough. The
+merged directory holds `train`/`valid` `.bin`/`.idx`, `tokenizer/`, `documents.jsonl.gz`
+(every document's name, split and tokens, in the splits' order; nothing reads it to train) and
+`manifest.json` (docs/data.md), written last.
+"""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from tqdm import tqdm
+
+from sparsedist.checkpoint.publish import recover, sha256_file, staged
+from sparsedist.data.sources import Document, Documents, expand, source_bytes
+from sparsedist.data.tokenizer import load_tokenizer, train_tokenizer
+from sparsedist.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+DOCUMENTS = "documents.jsonl.gz"
+FORMAT_VERSION = 2
+SPLITS = ("train", "valid")
+SLOTS = 64
+"""Slots of the prepared order; also the most shards a corpus can be prepared in."""
+CHUNK_DOCUMENTS = 4096
+CHUNK_CHARS = 4 << 20
+TOKENIZER_SAMPLE_CHARS = 64 << 20
+"""A tokenizer is trained on the first this many characters of the training split."""
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a document goes: its split, its slot, and the fraction its split was decided by."""
+
+    split: str
+    slot: int
+    fraction: float
+
+
+def hashed_place(seed: int, valid_fraction: float, document: Document) -> Place:
+    """The place of a text source's document, from the blake2b digest of (seed, text)."""
+    digest = hashlib.blake2b(document.text.encode(), digest_size=9, key=str(seed).encode()).digest()
+    fraction = int.from_bytes(digest[:8], "big") / 2**64
+    return Place("valid" if fraction < valid_fraction else "train", digest[8] % SLOTS, fraction)
+
+
+def shard_slots(index: int, count: int) -> range:
+    """The slots of shard `index` of `count`: a contiguous range, the shards in order covering all."""
+    if not 1 <= count <= SLOTS or not 0 <= index < count:
+        raise DataError(f"shard {index} of {count}: need 0 <= shard < num-shards <= {SLOTS}")
+    return range(index * SLOTS // count, (index + 1) * SLOTS // count)
+
+
+def token_dtype(vocab_size: int) -> type[np.integer]:
+    """uint16 while every id fits, else int32 (megatron-core's index has no uint32; the .idx records the
+    dtype and the loader reads it from there)."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def prepare_text_source(source: str, out_dir: Path, tokenizer_path: Path | None, vocab_size: int,
+                        valid_fraction: float, seed: int, workers: int | None = None, skip_malformed: bool = False,
+                        shard: tuple[int, int] = (0, 1)) -> Path:
+    """Prepare a local source or `hf:NAME[:CONFIG]` (sparsedist.data.sources) into `out_dir`.
+
+    The tokenizer at `tokenizer_path` is copied, or one of `vocab_size` tokens is trained on the
+    first `TOKENIZER_SAMPLE_CHARS` of the training split. `shard` (I, K) with K > 1 prepares only
+    shard I's part (a given tokenizer required), for `merge_prepared`. A second call with the same
+    request returns at once.
+    """
+    if not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction must lie in (0, 1), got {valid_fraction}")
+    out_dir, (index, count) = Path(out_dir), shard
+    shard_slots(index, count)
+    request = text_request(source, vocab_size, valid_fraction, seed, tokenizer_path)
+    part_request = {**request, "shard": [index, count]}
+    if is_prepared(out_dir, request if count == 1 else part_request):
+        return out_dir
+    if count > 1 and tokenizer_path is None:
+        raise DataError(f"shard {index} of {count}: a shard needs a tokenizer (--tokenizer): prepare with "
+                        "the model's, or train one first (docs/data.md)")
+    check_replaceable(out_dir)
+    place = partial(hashed_place, seed, valid_fraction)
+    files = None if source.startswith("hf:") else len(expand(source))
+    header = {"request": request, "source": {"name": source, "files": files, "bytes": source_bytes(source)}}
+    with staged(out_dir) as staging:
+        if tokenizer_path is None:
+            start = time.perf_counter()
+            train_tokenizer(_sample(Documents(source, skip_malformed), place), vocab_size, staging / "tokenizer")
+            logger.info("tokenizer training took %.1f s", time.perf_counter() - start)
+        else:
+            load_tokenizer(tokenizer_path).save_pretrained(staging / "tokenizer")
+        documents = Documents(source, skip_malformed)
+        if count == 1:
+            write_dataset(staging, documents, place, header, workers)
+        else:
+            write_part(staging, documents, place, shard, staging / "tokenizer", header, workers)
+    logger.info("prepared %s", out_dir)
+    return out_dir
+
+
+def text_request(source: str, vocab_size: int, valid_fraction: float, seed: int,
+                 tokenizer_path: Path | None) -> dict[str, Any]:
+    """What a preparation of a text source depends on; a directory prepared for it is reused."""
+    return {"source": source, "vocab_size": vocab_size, "valid_fraction": valid_fraction, "seed": seed,
+            "tokenizer": None if tokenizer_path is None else str(tokenizer_path)}
+
+
+def merge_prepared(parts: Sequence[Path], out_dir: Path) -> Path:
+    """Merge the parts of every shard of one request into `out_dir` (as one prepare of it would have written)."""
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir)
+    with staged(out_dir) as staging:
+        shutil.copytree(Path(parts[0]) / "tokenizer", staging / "tokenizer")
+        merge_parts([Path(p) for p in parts], staging)
+    logger.info("merged %d parts into %s", len(parts), out_dir)
+    return out_dir
+
+
+def write_dataset(directory: Path, documents: Iterable[Document], place: Callable[[Document], Place],
+                  header: Mapping[str, Any], workers: int | None = None) -> dict[str, Any]:
+    """All of the documents as one part, merged into `directory` (which holds `tokenizer/`); returns the manifest."""
+    part = directory / "part"
+    write_part(part, documents, place, (0, 1), directory / "tokenizer", header, workers)
+    manifest = merge_parts([part], directory)
+    shutil.rmtree(part)
+    return manifest
+
+
+def write_part(directory: Path, documents: Iterable[Document], place: Callable[[Document], Place],
+               shard: tuple[int, int], tokenizer_dir: Path, header: Mapping[str, Any],
+               workers: int | None = None) -> dict[str, Any]:
+    """Tokenize the documents of shard (I, K)'s slots into one IndexedDataset per (split, slot) of `directory`.
+
+    The part's manifest (`kind: part`; its request names the shard) lists each slot's documents per
+    split, the split's tokens, and its edge document (train: the smallest fraction, valid: the
+    largest) as [fraction, slot, index].
+    """
+    slots = shard_slots(*shard)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    dtype, eos, workers = token_dtype(len(tokenizer)), tokenizer.eos_token_id, workers or default_workers()
+    writer = _PartWriter(directory, slots, dtype)
+    total = documents.total_bytes if isinstance(documents, Documents) else None
+    progress = _Progress(total)
+    pool = get_context("fork").Pool(workers, _init_worker, (str(tokenizer_dir / "tokenizer.json"), eos, dtype))
+    try:
+        pending: deque = deque()
+        for chunk in _chunks(documents, place, slots):
+            pending.append((chunk, pool.apply_async(_encode, ([doc.text for doc, _ in chunk],))))
+            while len(pending) > 2 * workers or (pending and pending[0][1].ready()):
+                progress.update(documents, *writer.write(*_result(pending.popleft())))
+        while pending:
+            progress.update(documents, *writer.write(*_result(pending.popleft())))
+    finally:
+        pool.terminate()
+        progress.close()
+    malformed = documents.malformed if isinstance(documents, Documents) else None
+    if malformed and malformed.count:
+        logger.warning("skipped %d malformed lines, the first: %s", malformed.count, "; ".join(malformed.first))
+    manifest = {
+        "format": FORMAT_VERSION, "kind": "part", **header, "request": {**header["request"], "shard": list(shard)},
+        "tokenizer": {"path": "tokenizer", "vocab_size": len(tokenizer), "eos_id": eos,
+                      "sha256": sha256_file(tokenizer_dir / "tokenizer.json")},
+        "dtype": np.dtype(dtype).name,
+        "slots": [slots.start, slots.stop],
+        "splits": writer.finish(),
+        "malformed": {"count": malformed.count, "first": malformed.first} if malformed else {"count": 0, "first": []},
+        "complete": True,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def merge_parts(parts: Sequence[Path], directory: Path) -> dict[str, Any]:
+    """Append the parts' slot files, in slot order, into `directory/<split>.bin/.idx`; write the side file
+    of documents and `manifest.json` (last). `directory/tokenizer` must be the parts' tokenizer."""
+    manifests = _check_parts(parts, directory)
+    parts = [part for _, part in sorted(zip([m["request"]["shard"][0] for m in manifests], parts, strict=True))]
+    manifests = sorted(manifests, key=lambda m: m["request"]["shard"][0])
+    counts = {split: sum(sum(m["splits"][split]["documents"]) for m in manifests) for split in SPLITS}
+    if sum(counts.values()) < 2:
+        raise DataError(f"{parts[0]}: need at least 2 documents to split into train and valid, "
+                        f"got {sum(counts.values())}")
+    move = _move(parts, manifests, counts)
+    dtype = np.dtype(manifests[0]["dtype"]).type
+    gc.freeze()  # add_index runs gc.collect(): over the objects made since, not the whole heap of imports
+    try:
+        splits = {split: _merge_split(split, parts, manifests, move, directory, dtype) for split in SPLITS}
+    finally:
+        gc.unfreeze()
+    _merge_names(parts, manifests, move, directory / DOCUMENTS)
+    first = manifests[0]
+    manifest = {
+        "format": FORMAT_VERSION,
+        **{k: v for k, v in first.items() if k not in ("format", "kind", "slots", "splits", "malformed", "complete")},
+        "request": {k: v for k, v in first["request"].items() if k != "shard"},
+        "shards": [{"shard": m["request"]["shard"], "documents": {s: sum(m["splits"][s]["documents"]) for s in SPLITS}}
+                   for m in manifests],
+        "splits": splits,
+        "documents": DOCUMENTS,
+        "malformed": first["malformed"],  # every shard reads (and reports) every line of the source
+        "complete": True,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def is_prepared(out_dir: Path, request: Mapping[str, Any]) -> bool:
+    """Whether `out_dir` holds a complete preparation of `request` (after finishing a publish a crash interrupted)."""
+    recover(out_dir)
+    manifest = out_dir / MANIFEST
+    if not manifest.is_file():
+        return False
+    content = json.loads(manifest.read_text())
+    return content.get("complete") is True and content.get("request") == request
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a folder that is neither empty nor a prepared dataset."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"{out_dir} exists and is not a prepared dataset; refusing to replace it")
+
+
+# --- writing a part --------------------------------------------------------------------------------
+
+
+Chunk = list[tuple[Document, Place]]
+
+
+def _sample(documents: Iterable[Document], place: Callable[[Document], Place]) -> Iterator[str]:
+    """The texts of the training split's first documents, `TOKENIZER_SAMPLE_CHARS` characters in all."""
+    taken = 0
+    for document in documents:
+        if place(document).split == "train":
+            yield document.text
+            taken += len(document.text)
+            if taken >= TOKENIZER_SAMPLE_CHARS:
+                return
+
+
+def _chunks(documents: Iterable[Document], place: Callable[[Document], Place], slots: range) -> Iterator[Chunk]:
+    """The documents placed in `slots`, in order, cut into chunks of `CHUNK_DOCUMENTS` or `CHUNK_CHARS`."""
+    chunk: Chunk = []
+    chars = 0
+    for document in documents:
+        where = place(document)
+        if where.slot not in slots:
+            continue
+        chunk.append((document, where))
+        chars += len(document.text)
+        if len(chunk) >= CHUNK_DOCUMENTS or chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_file: str, eos: int, dtype: type) -> None:
+    """A worker's set-up: one tokenizer thread, the tokenizer loaded once."""
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _WORKER.update(tokenizer=Tokenizer.from_file(tokenizer_file), eos=eos, dtype=dtype)
+
+
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens of every text, each followed by EOS, concatenated; each text's token count with its EOS)."""
+    eos, dtype = _WORKER["eos"], _WORKER["dtype"]
+    ids = [encoding.ids + [eos] for encoding in _WORKER["tokenizer"].encode_batch_fast(texts, add_special_tokens=False)]
+    return np.concatenate([np.asarray(i, dtype=dtype) for i in ids]), np.array([len(i) for i in ids], dtype=np.int64)
+
+
+def _result(item: tuple[Chunk, Any]) -> tuple[Chunk, np.ndarray, np.ndarray]:
+    chunk, pending = item
+    return (chunk, *pending.get())
+
+
+class _PartWriter:
+    """The open files of a part: an IndexedDatasetBuilder per (split, slot), a gzip of names per slot."""
+
+    def __init__(self, directory: Path, slots: range, dtype: type):
+        self.slots = slots
+        self.builders = {(split, slot): IndexedDatasetBuilder(str(directory / f"{split}-{slot:02d}.bin"), dtype=dtype)
+                         for split in SPLITS for slot in slots}
+        self.names = {slot: gzip.GzipFile(directory / f"documents-{slot:02d}.jsonl.gz", "wb", mtime=0)
+                      for slot in slots}
+        self.prefix = {key: directory / f"{key[0]}-{key[1]:02d}" for key in self.builders}
+        self.counts = {key: 0 for key in self.builders}
+        self.tokens = dict.fromkeys(SPLITS, 0)
+        self.edge: dict[str, tuple[float, int, int] | None] = dict.fromkeys(SPLITS)
+
+    def write(self, chunk: Chunk, tokens: np.ndarray, lengths: np.ndarray) -> tuple[int, int]:
+        """Append a tokenized chunk; returns (documents, tokens) written."""
+        ends = np.cumsum(lengths)
+        for (document, where), end, length in zip(chunk, ends.tolist(), lengths.tolist(), strict=True):
+            key = (where.split, where.slot)
+            self.builders[key].add_item(torch.from_numpy(tokens[end - length : end].astype(np.int64)))
+            self.builders[key].end_document()
+            line = {"name": document.name, "split": where.split, "tokens": length}
+            self.names[where.slot].write((json.dumps(line, ensure_ascii=False) + "\n").encode())
+            edge = self.edge[where.split]
+            if edge is None or (where.fraction < edge[0] if where.split == "train" else where.fraction > edge[0]):
+                self.edge[where.split] = (where.fraction, where.slot, self.counts[key])
+            self.counts[key] += 1
+            self.tokens[where.split] += length
+        return len(chunk), int(ends[-1])
+
+    def finish(self) -> dict[str, Any]:
+        """Close every file; the part's per-split summary."""
+        for key, builder in self.builders.items():
+            builder.finalize(f"{self.prefix[key]}.idx")
+        for names in self.names.values():
+            names.close()
+        return {split: {"documents": [self.counts[split, slot] for slot in self.slots], "tokens": self.tokens[split],
+                        "edge": self.edge[split]} for split in SPLITS}
+
+
+class _Progress:
+    """A progress bar over the source's on-disk bytes (when known), with documents and tokens/s."""
+
+    def __init__(self, total: int | None):
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", mininterval=1.0, disable=None)
+        self.start, self.documents, self.tokens, self.done = time.perf_counter(), 0, 0, 0
+
+    def update(self, documents: Iterable[Document], count: int, tokens: int) -> None:
+        self.documents, self.tokens = self.documents + count, self.tokens + tokens
+        read = documents.bytes_read if isinstance(documents, Documents) else 0
+        self.bar.update(read - self.done)
+        self.done = read
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.documents:,} documents, {rate / 1e6:.2f}M tokens/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        logger.info("tokenized %d documents, %d tokens in %.1f s", self.documents, self.tokens,
+                    time.perf_counter() - self.start)
+
+
+# --- merging parts ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Move:
+    """The document a tiny corpus moves out of `split` (the slot file at `prefix`, its `index`-th)."""
+
+    split: str
+    prefix: Path
+    index: int
+
+
+def _check_parts(parts: Sequence[Path], directory: Path) -> list[dict[str, Any]]:
+    """The parts' manifests: complete parts of one request and tokenizer, every shard exactly once."""
+    manifests = []
+    for part in parts:
+        path = part / MANIFEST
+        manifest = json.loads(path.read_text()) if path.is_file() else {}
+        if manifest.get("kind") != "part" or manifest.get("complete") is not True:
+            raise DataError(f"{part}: not a complete part (prepare it with `sparsedist data prepare ... --shard I "
+                            "--num-shards K`)")
+        manifests.append(manifest)
+    first = {k: v for k, v in manifests[0]["request"].items() if k != "shard"}
+    for part, manifest in zip(parts, manifests, strict=True):
+        if {k: v for k, v in manifest["request"].items() if k != "shard"} != first:
+            raise DataError(f"{part}: prepared for another request than {parts[0]} ({manifest['request']})")
+    tokenizer = sha256_file(directory / "tokenizer" / "tokenizer.json")
+    for part, manifest in zip(parts, manifests, strict=True):
+        if manifest["tokenizer"]["sha256"] != tokenizer:
+            raise DataError(f"{part}: tokenized with another tokenizer than {parts[0]}")
+    count = manifests[0]["request"]["shard"][1]
+    shards = sorted(m["request"]["shard"][0] for m in manifests)
+    if shards != list(range(count)) or any(m["request"]["shard"][1] != count for m in manifests):
+        missing = sorted(set(range(count)) - set(shards))
+        raise DataError(f"the parts hold shards {shards} of {count}: every shard once is needed (missing {missing})")
+    return manifests
+
+
+def _move(parts: Sequence[Path], manifests: Sequence[Mapping[str, Any]], counts: Mapping[str, int]) -> _Move | None:
+    """The edge document of the other split when one split would be empty, else None."""
+    empty = next((split for split in SPLITS if counts[split] == 0), None)
+    if empty is None:
+        return None
+    source = "train" if empty == "valid" else "valid"
+    edges = [(m["splits"][source]["edge"], part) for m, part in zip(manifests, parts, strict=True)
+             if m["splits"][source]["edge"] is not None]
+    (fraction, slot, index), part = (min if source == "train" else max)(edges, key=lambda e: e[0][0])
+    logger.info("the %s split would be empty: it takes one %s document", empty, source)
+    return _Move(source, part / f"{source}-{slot:02d}", index)
+
+
+def _merge_split(split: str, parts: Sequence[Path], manifests: Sequence[Mapping[str, Any]], move: _Move | None,
+                 directory: Path, dtype: type) -> dict[str, Any]:
+    """`directory/<split>.bin/.idx` from the parts' slot files in order; the split's summary."""
+    builder = IndexedDatasetBuilder(str(directory / f"{split}.bin"), dtype=dtype)
+    for part, manifest in zip(parts, manifests, strict=True):
+        for slot, count in zip(range(*manifest["slots"]), manifest["splits"][split]["documents"], strict=True):
+            prefix = part / f"{split}-{slot:02d}"
+            if move is not None and (move.split, move.prefix) == (split, prefix):
+                _append_except(builder, prefix, move.index)
+            elif count:
+                builder.add_index(str(prefix))
+    if move is not None and move.split != split:
+        moved = IndexedDataset(str(move.prefix))  # alive while its memory-mapped document is read
+        builder.add_item(torch.from_numpy(moved[move.index].astype(np.int64)))
+        builder.end_document()
+    builder.finalize(str(directory / f"{split}.idx"))
+    dataset = IndexedDataset(str(directory / split))
+    summary = {"documents": len(dataset), "tokens": int(dataset.sequence_lengths.sum()),
+               "sha256": {suffix: sha256_file(directory / f"{split}.{suffix}") for suffix in ("bin", "idx")}}
+    logger.info("%s: %d documents, %d tokens", split, summary["documents"], summary["tokens"])
+    return summary
+
+
+def _append_except(builder: IndexedDatasetBuilder, prefix: Path, skipped: int) -> None:
+    dataset = IndexedDataset(str(prefix))
+    for i in range(len(dataset)):
+        if i != skipped:
+            builder.add_item(torch.from_numpy(dataset[i].astype(np.int64)))
+            builder.end_document()
+
+
+def _merge_names(parts: Sequence[Path], manifests: Sequence[Mapping[str, Any]], move: _Move | None,
+                 out: Path) -> None:
+    """The parts' per-slot gzips concatenated in slot order (a valid gzip); the moved document's split changed."""
+    with open(out, "wb") as f:
+        for part, manifest in zip(parts, manifests, strict=True):
+            for slot in range(*manifest["slots"]):
+                path = part / f"documents-{slot:02d}.jsonl.gz"
+                if move is not None and move.prefix == part / f"{move.split}-{slot:02d}":
+                    f.write(gzip.compress(_moved(gzip.decompress(path.read_bytes()), move), mtime=0))
+                else:
+                    with open(path, "rb") as names:
+                        shutil.copyfileobj(names, f)
+
+
+def _moved(names: bytes, move: _Move) -> bytes:
+    lines, seen = [], 0
+    target = "valid" if move.split == "train" else "train"
+    for line in names.splitlines(keepends=True):
+        row = json.loads(line)
+        if row["split"] == move.split:
+            if seen == move.index:
+                row["split"] = target
+                line = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+            seen += 1
+        lines.append(line)
+    return b"".join(lines)
