@@ -42,7 +42,7 @@ from sparsedist.data.prepare import (
     text_request,
     write_dataset,
 )
-from sparsedist.data.sources import Document, expand, normalise_text, source_bytes
+from sparsedist.data.sources import Document, Documents, Record, expand, normalise_text, source_bytes
 from sparsedist.data.tokenizer import train_tokenizer
 from sparsedist.errors import DataError, RecipeError
 
@@ -192,10 +192,25 @@ def prepare_embedded(out_dir: Path, vocab_size: int = 8192, workers: int | None 
             "validation_works": VALIDATION_WORKS,
             "dropped_duplicates": dropped,
         }
-        write_dataset(staging, [*train, *valid], lambda doc: Place("valid" if doc.name in valid_names else "train",
-                                                                  0, 0.0), header, workers)
+        write_dataset(staging, _InMemory([*train, *valid]),
+                      lambda doc: Place("valid" if doc.name in valid_names else "train", 0, 0.0), header, workers)
     logger.info("prepared %s", out_dir)
     return out_dir
+
+
+class _InMemory(Documents):
+    """Documents already read (the embedded corpus), as a source."""
+
+    def __init__(self, documents: list[Document]):
+        super().__init__("embedded")
+        self.documents = documents
+
+    @property
+    def total_bytes(self) -> None:
+        return None
+
+    def records(self) -> Iterator[Record]:
+        return (Record(doc.name, "text", doc.text) for doc in self.documents)
 
 
 # --- the embedded corpus -------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 from tqdm import tqdm
 
 from sparsedist.checkpoint.publish import recover, sha256_file, staged
-from sparsedist.data.sources import Document, Documents, expand, source_bytes
+from sparsedist.data.sources import Document, Documents, Record, expand, parse, source_bytes
 from sparsedist.data.tokenizer import load_tokenizer, train_tokenizer
 from sparsedist.errors import DataError
 
@@ -156,7 +156,7 @@ def merge_prepared(parts: Sequence[Path], out_dir: Path) -> Path:
     return out_dir
 
 
-def write_dataset(directory: Path, documents: Iterable[Document], place: Callable[[Document], Place],
+def write_dataset(directory: Path, documents: Documents, place: Callable[[Document], Place],
                   header: Mapping[str, Any], workers: int | None = None) -> dict[str, Any]:
     """All of the documents as one part, merged into `directory` (which holds `tokenizer/`); returns the manifest."""
     part = directory / "part"
@@ -166,10 +166,12 @@ def write_dataset(directory: Path, documents: Iterable[Document], place: Callabl
     return manifest
 
 
-def write_part(directory: Path, documents: Iterable[Document], place: Callable[[Document], Place],
-               shard: tuple[int, int], tokenizer_dir: Path, header: Mapping[str, Any],
-               workers: int | None = None) -> dict[str, Any]:
+def write_part(directory: Path, documents: Documents, place: Callable[[Document], Place], shard: tuple[int, int],
+               tokenizer_dir: Path, header: Mapping[str, Any], workers: int | None = None) -> dict[str, Any]:
     """Tokenize the documents of shard (I, K)'s slots into one IndexedDataset per (split, slot) of `directory`.
+
+    The main process reads the records; the workers parse, place and tokenize them, and hand back
+    the malformed ones' problems, which the main process passes to `documents.refuse` in order.
 
     The part's manifest (`kind: part`; its request names the shard) lists each slot's documents per
     split, the split's tokens, and its edge document (train: the smallest fraction, valid: the
@@ -180,22 +182,25 @@ def write_part(directory: Path, documents: Iterable[Document], place: Callable[[
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype, eos, workers = token_dtype(len(tokenizer)), tokenizer.eos_token_id, workers or default_workers()
     writer = _PartWriter(directory, slots, dtype)
-    total = documents.total_bytes if isinstance(documents, Documents) else None
-    progress = _Progress(total)
-    pool = get_context("fork").Pool(workers, _init_worker, (str(tokenizer_dir / "tokenizer.json"), eos, dtype))
+    progress = _Progress(documents.total_bytes)
+    # fork: the workers inherit `place` (which may be a closure) and the imported modules
+    pool = get_context("fork").Pool(workers, _init_worker,
+                                    (str(tokenizer_dir / "tokenizer.json"), eos, dtype, place, slots))
     try:
         pending: deque = deque()
-        for chunk in _chunks(documents, place, slots):
-            pending.append((chunk, pool.apply_async(_encode, ([doc.text for doc, _ in chunk],))))
+        for chunk in _chunks(documents.records()):
+            pending.append((chunk, pool.apply_async(_encode, (chunk,))))
             while len(pending) > 2 * workers or (pending and pending[0][1].ready()):
-                progress.update(documents, *writer.write(*_result(pending.popleft())))
+                records, result = pending.popleft()
+                progress.update(documents, *writer.write(documents, records, result.get()))
         while pending:
-            progress.update(documents, *writer.write(*_result(pending.popleft())))
+            records, result = pending.popleft()
+            progress.update(documents, *writer.write(documents, records, result.get()))
     finally:
         pool.terminate()
         progress.close()
-    malformed = documents.malformed if isinstance(documents, Documents) else None
-    if malformed and malformed.count:
+    malformed = documents.malformed
+    if malformed.count:
         logger.warning("skipped %d malformed lines, the first: %s", malformed.count, "; ".join(malformed.first))
     manifest = {
         "format": FORMAT_VERSION, "kind": "part", **header, "request": {**header["request"], "shard": list(shard)},
@@ -204,7 +209,7 @@ def write_part(directory: Path, documents: Iterable[Document], place: Callable[[
         "dtype": np.dtype(dtype).name,
         "slots": [slots.start, slots.stop],
         "splits": writer.finish(),
-        "malformed": {"count": malformed.count, "first": malformed.first} if malformed else {"count": 0, "first": []},
+        "malformed": {"count": malformed.count, "first": malformed.first},
         "complete": True,
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -264,7 +269,9 @@ def check_replaceable(out_dir: Path) -> None:
 # --- writing a part --------------------------------------------------------------------------------
 
 
-Chunk = list[tuple[Document, Place]]
+Tokenized = tuple[list[tuple[int, Place]], np.ndarray, np.ndarray, list[str]]
+"""A chunk's (index and place of each document kept, their tokens with EOS concatenated, their lengths,
+the problems of its malformed records)."""
 
 
 def _sample(documents: Iterable[Document], place: Callable[[Document], Place]) -> Iterator[str]:
@@ -278,19 +285,16 @@ def _sample(documents: Iterable[Document], place: Callable[[Document], Place]) -
                 return
 
 
-def _chunks(documents: Iterable[Document], place: Callable[[Document], Place], slots: range) -> Iterator[Chunk]:
-    """The documents placed in `slots`, in order, cut into chunks of `CHUNK_DOCUMENTS` or `CHUNK_CHARS`."""
-    chunk: Chunk = []
-    chars = 0
-    for document in documents:
-        where = place(document)
-        if where.slot not in slots:
-            continue
-        chunk.append((document, where))
-        chars += len(document.text)
-        if len(chunk) >= CHUNK_DOCUMENTS or chars >= CHUNK_CHARS:
+def _chunks(records: Iterable[Record]) -> Iterator[list[Record]]:
+    """The records in order, cut into chunks of `CHUNK_DOCUMENTS` records or `CHUNK_CHARS` bytes."""
+    chunk: list[Record] = []
+    size = 0
+    for record in records:
+        chunk.append(record)
+        size += len(record)
+        if len(chunk) >= CHUNK_DOCUMENTS or size >= CHUNK_CHARS:
             yield chunk
-            chunk, chars = [], 0
+            chunk, size = [], 0
     if chunk:
         yield chunk
 
@@ -298,25 +302,32 @@ def _chunks(documents: Iterable[Document], place: Callable[[Document], Place], s
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_file: str, eos: int, dtype: type) -> None:
+def _init_worker(tokenizer_file: str, eos: int, dtype: type, place: Callable[[Document], Place],
+                 slots: range) -> None:
     """A worker's set-up: one tokenizer thread, the tokenizer loaded once."""
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
-    _WORKER.update(tokenizer=Tokenizer.from_file(tokenizer_file), eos=eos, dtype=dtype)
+    _WORKER.update(tokenizer=Tokenizer.from_file(tokenizer_file), eos=eos, dtype=dtype, place=place, slots=slots)
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens of every text, each followed by EOS, concatenated; each text's token count with its EOS)."""
+def _encode(chunk: list[Record]) -> Tokenized:
+    """Parse, place and tokenize a chunk of records (the documents of the worker's slots)."""
+    kept, texts, problems = [], [], []
+    for i, record in enumerate(chunk):
+        document = parse(record)
+        if isinstance(document, str):
+            problems.append(document)
+        elif document is not None:
+            where = _WORKER["place"](document)
+            if where.slot in _WORKER["slots"]:
+                kept.append((i, where))
+                texts.append(document.text)
     eos, dtype = _WORKER["eos"], _WORKER["dtype"]
     ids = [encoding.ids + [eos] for encoding in _WORKER["tokenizer"].encode_batch_fast(texts, add_special_tokens=False)]
-    return np.concatenate([np.asarray(i, dtype=dtype) for i in ids]), np.array([len(i) for i in ids], dtype=np.int64)
-
-
-def _result(item: tuple[Chunk, Any]) -> tuple[Chunk, np.ndarray, np.ndarray]:
-    chunk, pending = item
-    return (chunk, *pending.get())
+    tokens = np.concatenate([np.asarray(i, dtype=dtype) for i in ids]) if ids else np.empty(0, dtype)
+    return kept, tokens, np.array([len(i) for i in ids], dtype=np.int64), problems
 
 
 class _PartWriter:
@@ -326,28 +337,32 @@ class _PartWriter:
         self.slots = slots
         self.builders = {(split, slot): IndexedDatasetBuilder(str(directory / f"{split}-{slot:02d}.bin"), dtype=dtype)
                          for split in SPLITS for slot in slots}
-        self.names = {slot: gzip.GzipFile(directory / f"documents-{slot:02d}.jsonl.gz", "wb", mtime=0)
+        self.names = {slot: gzip.GzipFile(directory / f"documents-{slot:02d}.jsonl.gz", "wb", compresslevel=1, mtime=0)
                       for slot in slots}
         self.prefix = {key: directory / f"{key[0]}-{key[1]:02d}" for key in self.builders}
         self.counts = {key: 0 for key in self.builders}
         self.tokens = dict.fromkeys(SPLITS, 0)
         self.edge: dict[str, tuple[float, int, int] | None] = dict.fromkeys(SPLITS)
 
-    def write(self, chunk: Chunk, tokens: np.ndarray, lengths: np.ndarray) -> tuple[int, int]:
-        """Append a tokenized chunk; returns (documents, tokens) written."""
+    def write(self, documents: Documents, chunk: list[Record], tokenized: Tokenized) -> tuple[int, int]:
+        """Append a tokenized chunk (its problems refused or counted first); returns (documents, tokens) written."""
+        kept, tokens, lengths, problems = tokenized
+        for problem in problems:
+            documents.refuse(problem)
         ends = np.cumsum(lengths)
-        for (document, where), end, length in zip(chunk, ends.tolist(), lengths.tolist(), strict=True):
+        for (i, where), end, length in zip(kept, ends.tolist(), lengths.tolist(), strict=True):
             key = (where.split, where.slot)
-            self.builders[key].add_item(torch.from_numpy(tokens[end - length : end].astype(np.int64)))
+            self.builders[key].add_item(torch.from_numpy(tokens[end - length : end]))
             self.builders[key].end_document()
-            line = {"name": document.name, "split": where.split, "tokens": length}
-            self.names[where.slot].write((json.dumps(line, ensure_ascii=False) + "\n").encode())
+            line = f'{{"name": {json.dumps(chunk[i].where, ensure_ascii=False)}, "split": "{where.split}", ' \
+                   f'"tokens": {length}}}\n'
+            self.names[where.slot].write(line.encode())
             edge = self.edge[where.split]
             if edge is None or (where.fraction < edge[0] if where.split == "train" else where.fraction > edge[0]):
                 self.edge[where.split] = (where.fraction, where.slot, self.counts[key])
             self.counts[key] += 1
             self.tokens[where.split] += length
-        return len(chunk), int(ends[-1])
+        return len(kept), int(ends[-1]) if len(ends) else 0
 
     def finish(self) -> dict[str, Any]:
         """Close every file; the part's per-split summary."""
@@ -366,9 +381,9 @@ class _Progress:
         self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", mininterval=1.0, disable=None)
         self.start, self.documents, self.tokens, self.done = time.perf_counter(), 0, 0, 0
 
-    def update(self, documents: Iterable[Document], count: int, tokens: int) -> None:
+    def update(self, documents: Documents, count: int, tokens: int) -> None:
         self.documents, self.tokens = self.documents + count, self.tokens + tokens
-        read = documents.bytes_read if isinstance(documents, Documents) else 0
+        read = documents.bytes_read
         self.bar.update(read - self.done)
         self.done = read
         rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -83,11 +83,52 @@ def source_bytes(source: str) -> int | None:
     return sum(path.stat().st_size for path in expand(source))
 
 
+@dataclass(frozen=True)
+class Record:
+    """One document as stored, before parsing: where it is, and its bytes (a JSON line, a `.txt` file) or text."""
+
+    where: str
+    kind: str
+    """`json` (a JSON line), `file` (a .txt file's bytes) or `text` (a hub row's `text`, whatever it holds)."""
+    raw: Any
+
+    def __len__(self) -> int:
+        return len(self.raw) if isinstance(self.raw, (bytes, str)) else 0
+
+
+def parse(record: Record) -> Document | str | None:
+    """The record's document, None when it is blank, or the problem (`WHERE: ...`) when it is malformed."""
+    if record.kind == "file":
+        try:
+            return _document(record.where, record.raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            line = record.raw[: err.start].count(b"\n") + 1
+            return f"{record.where}:{line}: bytes that are not UTF-8"
+    if record.kind == "json":
+        line = record.raw.strip()
+        if not line:
+            return None
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            return f"{record.where}: bytes that are not UTF-8"
+        except json.JSONDecodeError as err:
+            return f"{record.where}: not JSON ({err.msg})"
+        text = row.get("text") if isinstance(row, dict) else None
+    else:
+        text = record.raw
+    if not isinstance(text, str):
+        return f"{record.where}: no string field 'text'"
+    return _document(record.where, text)
+
+
 class Documents:
     """The documents of `source`, read lazily; iterating again reads them again.
 
-    `bytes_read` follows the on-disk bytes consumed so far (for a progress bar against
-    `source_bytes`); `malformed` counts the lines skipped under `skip_malformed`.
+    `records` yields them unparsed (the prepare parses them in its workers and hands the problems
+    back to `refuse`); iterating parses them here. `bytes_read` follows the on-disk bytes consumed
+    so far (for a progress bar against `total_bytes`); `malformed` counts the lines skipped under
+    `skip_malformed`.
     """
 
     def __init__(self, source: str, skip_malformed: bool = False):
@@ -101,68 +142,42 @@ class Documents:
         return source_bytes(self.source)
 
     def __iter__(self) -> Iterator[Document]:
+        for record in self.records():
+            document = parse(record)
+            if isinstance(document, str):
+                self.refuse(document)
+            elif document is not None:
+                yield document
+
+    def refuse(self, problem: str) -> None:
+        """Raise DataError naming a malformed line; count it instead under `skip_malformed`."""
+        if not self.skip_malformed:
+            raise DataError(f"{problem} (prepare with --skip-malformed to skip such lines)")
+        self.malformed.add(problem)
+
+    def records(self) -> Iterator[Record]:
         self.malformed, self.bytes_read = Malformed(), 0
         if self.source.startswith("hf:"):
-            yield from self._hub()
+            import datasets
+
+            name, _, config = self.source.removeprefix("hf:").partition(":")
+            for i, row in enumerate(datasets.load_dataset(name, config or None, split="train", streaming=True)):
+                yield Record(f"{self.source}#{i}", "text", row.get("text"))
             return
         for path in expand(self.source):
             done = self.bytes_read
             with open(path, "rb") as raw:
                 if path.suffix == ".txt":
-                    document = self._text(path, raw.read())
-                    if document is not None:
-                        yield document
+                    yield Record(str(path), "file", raw.read())
                 else:
                     number = 0
                     try:
                         for number, line in enumerate(_lines(path, raw), start=1):
                             self.bytes_read = done + raw.tell()
-                            document = self._json_line(f"{path}:{number}", line)
-                            if document is not None:
-                                yield document
+                            yield Record(f"{path}:{number}", "json", line)
                     except (OSError, EOFError, zstandard.ZstdError) as err:
                         raise DataError(f"{path}: cannot be decompressed after line {number} ({err})") from None
             self.bytes_read = done + path.stat().st_size
-
-    def _refuse(self, problem: str) -> None:
-        if not self.skip_malformed:
-            raise DataError(f"{problem} (prepare with --skip-malformed to skip such lines)")
-        self.malformed.add(problem)
-
-    def _text(self, path: Path, data: bytes) -> Document | None:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            line = data[: err.start].count(b"\n") + 1
-            self._refuse(f"{path}:{line}: bytes that are not UTF-8")
-            return None
-        return _document(str(path), text)
-
-    def _json_line(self, where: str, line: bytes) -> Document | None:
-        line = line.strip()
-        if not line:
-            return None
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            return self._refuse(f"{where}: bytes that are not UTF-8")
-        except json.JSONDecodeError as err:
-            return self._refuse(f"{where}: not JSON ({err.msg})")
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            return self._refuse(f"{where}: no string field 'text'")
-        return _document(where, row["text"])
-
-    def _hub(self) -> Iterator[Document]:
-        import datasets
-
-        name, _, config = self.source.removeprefix("hf:").partition(":")
-        for i, row in enumerate(datasets.load_dataset(name, config or None, split="train", streaming=True)):
-            if not isinstance(row.get("text"), str):
-                self._refuse(f"{self.source}#{i}: no string field 'text'")
-                continue
-            document = _document(f"{self.source}#{i}", row["text"])
-            if document is not None:
-                yield document
 
 
 def _lines(path: Path, raw: BinaryIO) -> Iterator[bytes]:
