@@ -9,11 +9,12 @@ alone, wherever the corpus lies (duplicates share a split).
 A prepared split holds its documents slot after slot, each slot's in source order. A *part*
 (`write_part`) holds a contiguous range of slots — all of them, or shard I of K's
 `shard_slots(I, K)` — as one IndexedDataset per (split, slot) plus `documents-SS.jsonl.gz`.
-The main process reads and places the documents and writes them back in order; chunks of
-`CHUNK_DOCUMENTS` documents or `CHUNK_CHARS` characters are tokenized in a pool of worker
-processes, at most two per worker in flight. `merge_parts` appends the parts' slot files in slot
-order with `IndexedDatasetBuilder.add_index` (the token data is copied once), so the result is
-byte for byte the same for any number of workers and of shards.
+The main process reads the records (sparsedist.data.sources) in chunks of `CHUNK_DOCUMENTS`
+records or `CHUNK_CHARS` bytes; a pool of worker processes parses, places and tokenizes them, at
+most two chunks per worker in flight; the main process writes the results back in order.
+`merge_parts` appends the parts' slot files in slot order with `IndexedDatasetBuilder.add_index`
+(the token data is copied once), so the result is byte for byte the same for any number of
+workers and of shards.
 
 A tiny corpus whose valid (train) split would be empty gives it its train document of the
 smallest (valid document of the largest) fraction: the threshold moved just far enough. The
@@ -60,6 +61,7 @@ SLOTS = 64
 """Slots of the prepared order; also the most shards a corpus can be prepared in."""
 CHUNK_DOCUMENTS = 4096
 CHUNK_CHARS = 4 << 20
+"""Bytes (or characters) of records per chunk, at most (one larger record is a chunk of its own)."""
 TOKENIZER_SAMPLE_CHARS = 64 << 20
 """A tokenizer is trained on the first this many characters of the training split."""
 
