@@ -185,7 +185,9 @@ def write_part(directory: Path, documents: Documents, place: Callable[[Document]
     dtype, eos, workers = token_dtype(len(tokenizer)), tokenizer.eos_token_id, workers or default_workers()
     writer = _PartWriter(directory, slots, dtype)
     progress = _Progress(documents.total_bytes)
-    # fork: the workers inherit `place` (which may be a closure) and the imported modules
+    # fork: the workers inherit `place` (which may be a closure) and the imported modules; frozen first, the
+    # heap of those modules is left out of every full collection, here and in the workers (nor copied on write)
+    gc.freeze()
     pool = get_context("fork").Pool(workers, _init_worker,
                                     (str(tokenizer_dir / "tokenizer.json"), eos, dtype, place, slots))
     try:
@@ -200,6 +202,7 @@ def write_part(directory: Path, documents: Documents, place: Callable[[Document]
             progress.update(documents, *writer.write(documents, records, result.get()))
     finally:
         pool.terminate()
+        gc.unfreeze()
         progress.close()
     malformed = documents.malformed
     if malformed.count:
