@@ -69,7 +69,9 @@ CASES = [  # (command line, what its one-line error must say)
     ([*V, "model.config.hidden_sizee=3"], "model.config.hidden_sizee: not a LlamaConfig setting"),
     ([*V, "data.seq_len=1000"], "data.seq_len: 1000 exceeds the model's max_position_embeddings (64)"),
     ([*V, "data.vocab_size=-1"], "data.vocab_size: Input should be greater than 0"),
-    ([*T, "data.source=/nonexistent/*.txt"], "data.source: no .txt, .json or .jsonl files match '/nonexistent/*.txt'"),
+    ([*T, "data.source=/nonexistent/*.txt"],
+     "data.source: no .txt, .jsonl, .jsonl.gz, .jsonl.zst, .json, .json.gz, .json.zst files match "
+     "'/nonexistent/*.txt'"),
     ([*L, "data.tokenizer=/nonexistent/tok"], "data.tokenizer: /nonexistent/tok holds no tokenizer.json"),
     ([*V, "checkpoint.resume=/nonexistent/step_00000001"], "checkpoint.resume: /nonexistent/step_00000001 is not"),
     ([*V, "checkpoint.keep=0"], "checkpoint.keep: Input should be greater than 0"),
