@@ -113,6 +113,11 @@ pruned weights below 1% of their layer's kept RMS."""
 CHECKPOINT_INTERVAL = 250
 
 
+def steps_for(pretrain_steps: int, fraction: float, regime: Regime) -> int:
+    """The retraining steps of `fraction` of the pretraining tokens, at the regime's retraining batch."""
+    return max(1, round(pretrain_steps * fraction * PRETRAIN_BATCH / regime.retrain_batch))
+
+
 def retrain(recipe: str, steps: int, regime: Regime, scale: float | None = None) -> tuple[str, ...]:
     """The overrides of a retraining cell of `steps` steps: the regime's lr (or the recipe's × `scale`, by default
     the regime's scale) and warm-up."""
@@ -241,7 +246,7 @@ def main() -> None:
     args.pretrain_steps = args.pretrain_steps or regime.pretrain_steps
     args.retrain_fraction = args.retrain_fraction or regime.retrain_fraction
     args.workdir = args.workdir or Path("runs/quality" if args.regime == "a" else "runs/quality-b")
-    retrain_steps = max(1, round(args.pretrain_steps * args.retrain_fraction * PRETRAIN_BATCH / regime.retrain_batch))
+    retrain_steps = steps_for(args.pretrain_steps, args.retrain_fraction, regime)
     table = cells(retrain_steps, args.pretrain_steps, regime)
     results = run_table(table, args.seeds, args.workdir.resolve(), regime, args.jobs,
                         lambda cell: f"regime-{args.regime}" if cell.stage == "retrain" and args.regime == "c" else "")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import CEILING_KD, KD, PRETRAIN_BATCH, REGIMES, Cell, cast, cells, retrain, run_table  # noqa: E402
+from quality import CEILING_KD, KD, PRETRAIN_BATCH, REGIMES, Cell, cast, cells, retrain, run_table, steps_for  # noqa: E402
 from report import write_section  # noqa: E402
 
 BUDGETS = (0.005, 0.01, 0.02, 0.03, 0.08)
@@ -79,7 +79,7 @@ def main() -> None:
     regime, workdir = REGIMES["c"], args.workdir.resolve()
     losses: dict[float, dict[str, list[float]]] = {}
     for fraction in BUDGETS:
-        steps = round(tokens(fraction) / TOKENS_PER_SEQUENCE / regime.retrain_batch)
+        steps = steps_for(regime.pretrain_steps, fraction, regime)
         table = ladder_cells(steps, args.other)
         subdir = "regime-c" if fraction == regime.retrain_fraction else f"regime-c-{fraction:g}"
         results = run_table(table, args.seeds, workdir, regime, args.jobs,
