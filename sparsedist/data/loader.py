@@ -157,8 +157,8 @@ class TokenBatches:
         self.blend = Blend.of(parts, seq_len, seed, shuffle)
         self.num_samples = sum(part.num_samples for part in self.blend.windows)
         if len(self.blend.windows) == 1 and self.num_samples < global_batch:
-            raise ValueError(f"{self.blend.windows[0].prefix}: {self.num_samples} samples of {seq_len + 1} tokens are fewer than "
-                             f"one global batch of {global_batch}")
+            raise ValueError(f"{self.blend.windows[0].prefix}: {self.num_samples} samples of {seq_len + 1} tokens "
+                             f"are fewer than one global batch of {global_batch}")
         self.global_batch = global_batch
         self.micro_batch = micro_batch
         self.rank = rank
@@ -198,8 +198,8 @@ def eval_batches(parts: Path | Sequence[Part], seq_len: int, micro_batch: int, r
         raise ValueError(f"{total} evaluation sequences do not divide between {world_size} ranks")
     counts = blend.taken(total)
     if total < 1 or np.any(counts > available):
-        raise ValueError(f"{', '.join(str(w.prefix) for w in blend.windows)}: {', '.join(map(str, available))} samples of "
-                         f"{seq_len + 1} tokens; {total} requested")
+        raise ValueError(f"{', '.join(str(w.prefix) for w in blend.windows)}: "
+                         f"{', '.join(map(str, available))} samples of {seq_len + 1} tokens; {total} requested")
     part_of = np.repeat(np.arange(len(counts)), counts)
     sample_of = np.concatenate([np.arange(n) for n in counts])
     per_rank = total // world_size
