@@ -10,7 +10,8 @@ from sparsedist.data.corpus import (
     prepare_embedded,
 )
 from sparsedist.data.loader import BLOCK, Blend, TokenBatches, TokenWindows, eval_batches
-from sparsedist.data.prepare import merge_prepared, prepare_text_source
+from sparsedist.data.merge import merge_prepared
+from sparsedist.data.prepare import prepare_text_source
 from sparsedist.data.sources import Document
 from sparsedist.data.tokenizer import EOS_TOKEN, load_tokenizer, train_tokenizer
 

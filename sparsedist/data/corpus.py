@@ -33,15 +33,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from sparsedist.checkpoint.publish import sha256_file, staged
-from sparsedist.data.prepare import (
-    MANIFEST,
-    Place,
-    check_replaceable,
-    is_prepared,
-    prepare_text_source,
-    text_request,
-    write_dataset,
-)
+from sparsedist.data.layout import MANIFEST, check_replaceable, is_prepared
+from sparsedist.data.prepare import Place, prepare_text_source, text_request, write_dataset
 from sparsedist.data.sources import Document, Documents, Record, expand, normalise_text, source_bytes
 from sparsedist.data.tokenizer import train_tokenizer
 from sparsedist.errors import DataError, RecipeError

@@ -12,7 +12,7 @@ A prepared split holds its documents slot after slot, each slot's in source orde
 The main process reads the records (sparsedist.data.sources) in chunks of `CHUNK_DOCUMENTS`
 records or `CHUNK_CHARS` bytes; a pool of worker processes parses, places and tokenizes them, at
 most two chunks per worker in flight; the main process writes the results back in order.
-`merge_parts` appends the parts' slot files in slot order with `IndexedDatasetBuilder.add_index`
+`merge_parts` (sparsedist.data.merge) appends the parts' slot files in slot order with `IndexedDatasetBuilder.add_index`
 (the token data is copied once), so the result is byte for byte the same for any number of
 workers and of shards.
 
@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing import get_context
@@ -43,20 +43,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
-from sparsedist.checkpoint.publish import recover, sha256_file, staged
+from sparsedist.checkpoint.publish import sha256_file, staged
+from sparsedist.data.layout import FORMAT_VERSION, MANIFEST, SPLITS, check_replaceable, is_prepared
+from sparsedist.data.merge import merge_parts
 from sparsedist.data.sources import Document, Documents, Record, expand, parse, source_bytes
 from sparsedist.data.tokenizer import load_tokenizer, train_tokenizer
 from sparsedist.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-DOCUMENTS = "documents.jsonl.gz"
-FORMAT_VERSION = 2
-SPLITS = ("train", "valid")
 SLOTS = 64
 """Slots of the prepared order; also the most shards a corpus can be prepared in."""
 CHUNK_DOCUMENTS = 4096
@@ -147,17 +145,6 @@ def text_request(source: str, vocab_size: int, valid_fraction: float, seed: int,
             "tokenizer": None if tokenizer_path is None else str(tokenizer_path)}
 
 
-def merge_prepared(parts: Sequence[Path], out_dir: Path) -> Path:
-    """Merge the parts of every shard of one request into `out_dir` (as one prepare of it would have written)."""
-    out_dir = Path(out_dir)
-    check_replaceable(out_dir)
-    with staged(out_dir) as staging:
-        shutil.copytree(Path(parts[0]) / "tokenizer", staging / "tokenizer")
-        merge_parts([Path(p) for p in parts], staging)
-    logger.info("merged %d parts into %s", len(parts), out_dir)
-    return out_dir
-
-
 def write_dataset(directory: Path, documents: Documents, place: Callable[[Document], Place],
                   header: Mapping[str, Any], workers: int | None = None) -> dict[str, Any]:
     """All of the documents as one part, merged into `directory` (which holds `tokenizer/`); returns the manifest."""
@@ -219,56 +206,6 @@ def write_part(directory: Path, documents: Documents, place: Callable[[Document]
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
-
-
-def merge_parts(parts: Sequence[Path], directory: Path) -> dict[str, Any]:
-    """Append the parts' slot files, in slot order, into `directory/<split>.bin/.idx`; write the side file
-    of documents and `manifest.json` (last). `directory/tokenizer` must be the parts' tokenizer."""
-    manifests = _check_parts(parts, directory)
-    parts = [part for _, part in sorted(zip([m["request"]["shard"][0] for m in manifests], parts, strict=True))]
-    manifests = sorted(manifests, key=lambda m: m["request"]["shard"][0])
-    counts = {split: sum(sum(m["splits"][split]["documents"]) for m in manifests) for split in SPLITS}
-    if sum(counts.values()) < 2:
-        raise DataError(f"{parts[0]}: need at least 2 documents to split into train and valid, "
-                        f"got {sum(counts.values())}")
-    move = _move(parts, manifests, counts)
-    dtype = np.dtype(manifests[0]["dtype"]).type
-    gc.freeze()  # add_index runs gc.collect(): over the objects made since, not the whole heap of imports
-    try:
-        splits = {split: _merge_split(split, parts, manifests, move, directory, dtype) for split in SPLITS}
-    finally:
-        gc.unfreeze()
-    _merge_names(parts, manifests, move, directory / DOCUMENTS)
-    first = manifests[0]
-    manifest = {
-        "format": FORMAT_VERSION,
-        **{k: v for k, v in first.items() if k not in ("format", "kind", "slots", "splits", "malformed", "complete")},
-        "request": {k: v for k, v in first["request"].items() if k != "shard"},
-        "shards": [{"shard": m["request"]["shard"], "documents": {s: sum(m["splits"][s]["documents"]) for s in SPLITS}}
-                   for m in manifests],
-        "splits": splits,
-        "documents": DOCUMENTS,
-        "malformed": first["malformed"],  # every shard reads (and reports) every line of the source
-        "complete": True,
-    }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
-
-
-def is_prepared(out_dir: Path, request: Mapping[str, Any]) -> bool:
-    """Whether `out_dir` holds a complete preparation of `request` (after finishing a publish a crash interrupted)."""
-    recover(out_dir)
-    manifest = out_dir / MANIFEST
-    if not manifest.is_file():
-        return False
-    content = json.loads(manifest.read_text())
-    return content.get("complete") is True and content.get("request") == request
-
-
-def check_replaceable(out_dir: Path) -> None:
-    """Refuse to replace a folder that is neither empty nor a prepared dataset."""
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise FileExistsError(f"{out_dir} exists and is not a prepared dataset; refusing to replace it")
 
 
 # --- writing a part --------------------------------------------------------------------------------
@@ -400,111 +337,3 @@ class _Progress:
                     time.perf_counter() - self.start)
 
 
-# --- merging parts ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Move:
-    """The document a tiny corpus moves out of `split` (the slot file at `prefix`, its `index`-th)."""
-
-    split: str
-    prefix: Path
-    index: int
-
-
-def _check_parts(parts: Sequence[Path], directory: Path) -> list[dict[str, Any]]:
-    """The parts' manifests: complete parts of one request and tokenizer, every shard exactly once."""
-    manifests = []
-    for part in parts:
-        path = part / MANIFEST
-        manifest = json.loads(path.read_text()) if path.is_file() else {}
-        if manifest.get("kind") != "part" or manifest.get("complete") is not True:
-            raise DataError(f"{part}: not a complete part (prepare it with `sparsedist data prepare ... --shard I "
-                            "--num-shards K`)")
-        manifests.append(manifest)
-    first = {k: v for k, v in manifests[0]["request"].items() if k != "shard"}
-    for part, manifest in zip(parts, manifests, strict=True):
-        if {k: v for k, v in manifest["request"].items() if k != "shard"} != first:
-            raise DataError(f"{part}: prepared for another request than {parts[0]} ({manifest['request']})")
-    tokenizer = sha256_file(directory / "tokenizer" / "tokenizer.json")
-    for part, manifest in zip(parts, manifests, strict=True):
-        if manifest["tokenizer"]["sha256"] != tokenizer:
-            raise DataError(f"{part}: tokenized with another tokenizer than {parts[0]}")
-    count = manifests[0]["request"]["shard"][1]
-    shards = sorted(m["request"]["shard"][0] for m in manifests)
-    if shards != list(range(count)) or any(m["request"]["shard"][1] != count for m in manifests):
-        missing = sorted(set(range(count)) - set(shards))
-        raise DataError(f"the parts hold shards {shards} of {count}: every shard once is needed (missing {missing})")
-    return manifests
-
-
-def _move(parts: Sequence[Path], manifests: Sequence[Mapping[str, Any]], counts: Mapping[str, int]) -> _Move | None:
-    """The edge document of the other split when one split would be empty, else None."""
-    empty = next((split for split in SPLITS if counts[split] == 0), None)
-    if empty is None:
-        return None
-    source = "train" if empty == "valid" else "valid"
-    edges = [(m["splits"][source]["edge"], part) for m, part in zip(manifests, parts, strict=True)
-             if m["splits"][source]["edge"] is not None]
-    (fraction, slot, index), part = (min if source == "train" else max)(edges, key=lambda e: e[0][0])
-    logger.info("the %s split would be empty: it takes one %s document", empty, source)
-    return _Move(source, part / f"{source}-{slot:02d}", index)
-
-
-def _merge_split(split: str, parts: Sequence[Path], manifests: Sequence[Mapping[str, Any]], move: _Move | None,
-                 directory: Path, dtype: type) -> dict[str, Any]:
-    """`directory/<split>.bin/.idx` from the parts' slot files in order; the split's summary."""
-    builder = IndexedDatasetBuilder(str(directory / f"{split}.bin"), dtype=dtype)
-    for part, manifest in zip(parts, manifests, strict=True):
-        for slot, count in zip(range(*manifest["slots"]), manifest["splits"][split]["documents"], strict=True):
-            prefix = part / f"{split}-{slot:02d}"
-            if move is not None and (move.split, move.prefix) == (split, prefix):
-                _append_except(builder, prefix, move.index)
-            elif count:
-                builder.add_index(str(prefix))
-    if move is not None and move.split != split:
-        moved = IndexedDataset(str(move.prefix))  # alive while its memory-mapped document is read
-        builder.add_item(torch.from_numpy(moved[move.index].astype(np.int64)))
-        builder.end_document()
-    builder.finalize(str(directory / f"{split}.idx"))
-    dataset = IndexedDataset(str(directory / split))
-    summary = {"documents": len(dataset), "tokens": int(dataset.sequence_lengths.sum()),
-               "sha256": {suffix: sha256_file(directory / f"{split}.{suffix}") for suffix in ("bin", "idx")}}
-    logger.info("%s: %d documents, %d tokens", split, summary["documents"], summary["tokens"])
-    return summary
-
-
-def _append_except(builder: IndexedDatasetBuilder, prefix: Path, skipped: int) -> None:
-    dataset = IndexedDataset(str(prefix))
-    for i in range(len(dataset)):
-        if i != skipped:
-            builder.add_item(torch.from_numpy(dataset[i].astype(np.int64)))
-            builder.end_document()
-
-
-def _merge_names(parts: Sequence[Path], manifests: Sequence[Mapping[str, Any]], move: _Move | None,
-                 out: Path) -> None:
-    """The parts' per-slot gzips concatenated in slot order (a valid gzip); the moved document's split changed."""
-    with open(out, "wb") as f:
-        for part, manifest in zip(parts, manifests, strict=True):
-            for slot in range(*manifest["slots"]):
-                path = part / f"documents-{slot:02d}.jsonl.gz"
-                if move is not None and move.prefix == part / f"{move.split}-{slot:02d}":
-                    f.write(gzip.compress(_moved(gzip.decompress(path.read_bytes()), move), mtime=0))
-                else:
-                    with open(path, "rb") as names:
-                        shutil.copyfileobj(names, f)
-
-
-def _moved(names: bytes, move: _Move) -> bytes:
-    lines, seen = [], 0
-    target = "valid" if move.split == "train" else "train"
-    for line in names.splitlines(keepends=True):
-        row = json.loads(line)
-        if row["split"] == move.split:
-            if seen == move.index:
-                row["split"] = target
-                line = (json.dumps(row, ensure_ascii=False) + "\n").encode()
-            seen += 1
-        lines.append(line)
-    return b"".join(lines)
