@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import sparsedist.data.corpus as corpus_module
-from conftest import MICRO
+from conftest import MICRO, REPO
 from sparsedist.cli import main
 from sparsedist.config import load_recipe
 from sparsedist.config.schema import DataConfig, DataPart
@@ -162,6 +165,51 @@ def test_a_malformed_line_publishes_nothing(corpus: Path, tmp_path: Path) -> Non
     assert main(["data", "prepare", str(corpus / "a"), "--out", str(tmp_path / "out"), "--shard", "0",
                  "--num-shards", "2"]) == 1
     assert not (tmp_path / "out").exists()
+
+
+UNDER_A_HANDLER = """
+import signal, sys
+from pathlib import Path
+signal.signal(signal.SIGTERM, lambda *_: None)  # as a trainer's preemption handler does (sparsedist.train.preemption)
+from sparsedist.data import prepare_text_source
+from sparsedist.errors import DataError
+source, out, tokenizer = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+for i in range(4):
+    prepare_text_source(source, out / f"ok{i}", tokenizer, 300, 0.1, 3, workers=2, skip_malformed=True)
+    try:
+        prepare_text_source(source, out / f"refused{i}", tokenizer, 300, 0.1, 3, workers=2)
+    except DataError:
+        continue
+    raise SystemExit("not refused")
+"""
+
+
+def _python(*args: str, **options) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **options)
+
+
+def test_a_prepare_under_a_sigterm_handler_finishes_and_fails_cleanly(corpus: Path, tmp_path: Path) -> None:
+    """`train` prepares a missing corpus with its preemption handler installed: the pool's forked workers
+    inherited it, swallowed the SIGTERM of `Pool.terminate`, and the prepare hung (one time in two)."""
+    tokenizer = _prepare(corpus, tmp_path / "tok", None, workers=1) / "tokenizer"
+    done = _python("-c", UNDER_A_HANDLER, _source(corpus), str(tmp_path), str(tokenizer))
+    output = done.communicate(timeout=240)[0]
+    assert done.returncode == 0, output[-3000:]
+    assert all((tmp_path / f"ok{i}" / "manifest.json").is_file() and not (tmp_path / f"refused{i}").exists()
+               for i in range(4))
+
+
+def test_two_processes_preparing_one_directory_prepare_it_once(corpus: Path, tmp_path: Path) -> None:
+    """Two runs naming one `data.dir`: the second waits for the first's lock, then finds it prepared."""
+    args = ["-m", "sparsedist", "data", "prepare", _source(corpus), "--out", str(tmp_path / "out"), "--vocab-size",
+            "300", "--valid-fraction", "0.1", "--seed", "3", "--skip-malformed", "--workers", "1"]
+    runs = [_python(*args, cwd=tmp_path) for _ in range(2)]
+    logs = [run.communicate(timeout=240)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs
+    assert sum("tokenized" in log for log in logs) == 1, logs
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"] is True
 
 
 def test_a_tiny_corpus_keeps_a_document_in_each_split(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from sparsedist.checkpoint.publish import sha256_file, staged
-from sparsedist.data.layout import MANIFEST, check_replaceable, is_prepared
+from sparsedist.data.layout import MANIFEST, check_replaceable, exclusive, is_prepared
 from sparsedist.data.prepare import Place, prepare_text_source, text_request, write_dataset
 from sparsedist.data.sources import Document, Documents, Record, expand, normalise_text, source_bytes
 from sparsedist.data.tokenizer import train_tokenizer
@@ -167,28 +167,29 @@ def prepare_embedded(out_dir: Path, vocab_size: int = 8192, workers: int | None 
     """
     out_dir = Path(out_dir)
     request = {"source": "embedded", "vocab_size": vocab_size}
-    if is_prepared(out_dir, request):
+    with exclusive(out_dir):
+        if is_prepared(out_dir, request):
+            return out_dir
+        check_replaceable(out_dir)
+        with staged(out_dir, keep=("source",)) as staging:
+            archive = _fetch_archive(staging / "source", previous=out_dir / "source")
+            files = _archive_texts(archive)
+            _check_validation_works(files)
+            kept, dropped = _drop_duplicates(files)
+            train, valid = _split_embedded(kept, dropped)
+            train_tokenizer((doc.text for doc in train), vocab_size, staging / "tokenizer")
+            valid_names = {doc.name for doc in valid}
+            header = {
+                "request": request,
+                "source": {"name": SOURCE_NAME, "version": SOURCE_VERSION, "sha256": SOURCE_SHA256,
+                           "archive": f"source/{SOURCE_ARCHIVE}"},
+                "validation_works": VALIDATION_WORKS,
+                "dropped_duplicates": dropped,
+            }
+            write_dataset(staging, _InMemory([*train, *valid]),
+                          lambda doc: Place("valid" if doc.name in valid_names else "train", 0, 0.0), header, workers)
+        logger.info("prepared %s", out_dir)
         return out_dir
-    check_replaceable(out_dir)
-    with staged(out_dir, keep=("source",)) as staging:
-        archive = _fetch_archive(staging / "source", previous=out_dir / "source")
-        files = _archive_texts(archive)
-        _check_validation_works(files)
-        kept, dropped = _drop_duplicates(files)
-        train, valid = _split_embedded(kept, dropped)
-        train_tokenizer((doc.text for doc in train), vocab_size, staging / "tokenizer")
-        valid_names = {doc.name for doc in valid}
-        header = {
-            "request": request,
-            "source": {"name": SOURCE_NAME, "version": SOURCE_VERSION, "sha256": SOURCE_SHA256,
-                       "archive": f"source/{SOURCE_ARCHIVE}"},
-            "validation_works": VALIDATION_WORKS,
-            "dropped_duplicates": dropped,
-        }
-        write_dataset(staging, _InMemory([*train, *valid]),
-                      lambda doc: Place("valid" if doc.name in valid_names else "train", 0, 0.0), header, workers)
-    logger.info("prepared %s", out_dir)
-    return out_dir
 
 
 class _InMemory(Documents):

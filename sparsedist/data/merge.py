@@ -23,7 +23,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from sparsedist.checkpoint.publish import sha256_file, staged
-from sparsedist.data.layout import DOCUMENTS, FORMAT_VERSION, MANIFEST, SPLITS, check_replaceable
+from sparsedist.data.layout import DOCUMENTS, FORMAT_VERSION, MANIFEST, SPLITS, check_replaceable, exclusive
 from sparsedist.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -32,10 +32,11 @@ logger = logging.getLogger(__name__)
 def merge_prepared(parts: Sequence[Path], out_dir: Path) -> Path:
     """Merge the parts of every shard of one request into `out_dir` (as one prepare of it would have written)."""
     out_dir = Path(out_dir)
-    check_replaceable(out_dir)
-    with staged(out_dir) as staging:
-        shutil.copytree(Path(parts[0]) / "tokenizer", staging / "tokenizer")
-        merge_parts([Path(p) for p in parts], staging)
+    with exclusive(out_dir):
+        check_replaceable(out_dir)
+        with staged(out_dir) as staging:
+            shutil.copytree(Path(parts[0]) / "tokenizer", staging / "tokenizer")
+            merge_parts([Path(p) for p in parts], staging)
     logger.info("merged %d parts into %s", len(parts), out_dir)
     return out_dir
 

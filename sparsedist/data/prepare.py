@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -47,7 +48,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
 from sparsedist.checkpoint.publish import sha256_file, staged
-from sparsedist.data.layout import FORMAT_VERSION, MANIFEST, SPLITS, check_replaceable, is_prepared
+from sparsedist.data.layout import FORMAT_VERSION, MANIFEST, SPLITS, check_replaceable, exclusive, is_prepared
 from sparsedist.data.merge import merge_parts
 from sparsedist.data.sources import Document, Documents, Record, expand, parse, source_bytes
 from sparsedist.data.tokenizer import load_tokenizer, train_tokenizer
@@ -113,27 +114,28 @@ def prepare_text_source(source: str, out_dir: Path, tokenizer_path: Path | None,
     shard_slots(index, count)
     request = text_request(source, vocab_size, valid_fraction, seed, tokenizer_path)
     part_request = {**request, "shard": [index, count]}
-    if is_prepared(out_dir, request if count == 1 else part_request):
-        return out_dir
-    if count > 1 and tokenizer_path is None:
-        raise DataError(f"shard {index} of {count}: a shard needs a tokenizer (--tokenizer): prepare with "
-                        "the model's, or train one first (docs/data.md)")
-    check_replaceable(out_dir)
-    place = partial(hashed_place, seed, valid_fraction)
-    files = None if source.startswith("hf:") else len(expand(source))
-    header = {"request": request, "source": {"name": source, "files": files, "bytes": source_bytes(source)}}
-    with staged(out_dir) as staging:
-        if tokenizer_path is None:
-            start = time.perf_counter()
-            train_tokenizer(_sample(Documents(source, skip_malformed), place), vocab_size, staging / "tokenizer")
-            logger.info("tokenizer training took %.1f s", time.perf_counter() - start)
-        else:
-            load_tokenizer(tokenizer_path).save_pretrained(staging / "tokenizer")
-        documents = Documents(source, skip_malformed)
-        if count == 1:
-            write_dataset(staging, documents, place, header, workers)
-        else:
-            write_part(staging, documents, place, shard, staging / "tokenizer", header, workers)
+    with exclusive(out_dir):
+        if is_prepared(out_dir, request if count == 1 else part_request):
+            return out_dir
+        if count > 1 and tokenizer_path is None:
+            raise DataError(f"shard {index} of {count}: a shard needs a tokenizer (--tokenizer): prepare with "
+                            "the model's, or train one first (docs/data.md)")
+        check_replaceable(out_dir)
+        place = partial(hashed_place, seed, valid_fraction)
+        files = None if source.startswith("hf:") else len(expand(source))
+        header = {"request": request, "source": {"name": source, "files": files, "bytes": source_bytes(source)}}
+        with staged(out_dir) as staging:
+            if tokenizer_path is None:
+                start = time.perf_counter()
+                train_tokenizer(_sample(Documents(source, skip_malformed), place), vocab_size, staging / "tokenizer")
+                logger.info("tokenizer training took %.1f s", time.perf_counter() - start)
+            else:
+                load_tokenizer(tokenizer_path).save_pretrained(staging / "tokenizer")
+            documents = Documents(source, skip_malformed)
+            if count == 1:
+                write_dataset(staging, documents, place, header, workers)
+            else:
+                write_part(staging, documents, place, shard, staging / "tokenizer", header, workers)
     logger.info("prepared %s", out_dir)
     return out_dir
 
@@ -187,6 +189,8 @@ def write_part(directory: Path, documents: Documents, place: Callable[[Document]
         while pending:
             records, result = pending.popleft()
             progress.update(documents, *writer.write(documents, records, result.get()))
+        pool.close()
+        pool.join()
     finally:
         pool.terminate()
         gc.unfreeze()
@@ -246,7 +250,12 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(tokenizer_file: str, eos: int, dtype: type, place: Callable[[Document], Place],
                  slots: range) -> None:
-    """A worker's set-up: one tokenizer thread, the tokenizer loaded once."""
+    """A worker's set-up: the default SIGTERM (a trainer's preemption handler, inherited through the fork, would
+    keep `Pool.terminate` waiting forever), SIGINT and SIGUSR1 left to the main process, one tokenizer thread, the
+    tokenizer loaded once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
