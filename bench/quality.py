@@ -200,12 +200,25 @@ def run_table(table: list[Cell], seeds: list[int], workdir: Path, regime: Regime
         run_cell(pretrain, cell_seed, workdir, None, regime.retrain_batch)
         starts[seed] = workdir / f"seed{cell_seed}" / pretrain.slug / "model"
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    for store in {workdir / subdir(cell) for cell in table}:
+        create_store(store)
     with ThreadPoolExecutor(jobs) as pool:
         futures = {(cell.label, seed): pool.submit(
             run_cell, cell, seeds[0] if cell.stage == "pretrain" and regime.shared_start else seed,
             workdir / subdir(cell), starts[seed], regime.retrain_batch, threads)
             for seed in seeds for cell in table}
     return {cell.label: [futures[cell.label, seed].result() for seed in seeds] for cell in table}
+
+
+def create_store(workdir: Path) -> None:
+    """The work dir's MLflow store and experiment, made before cells start at once (two processes creating one
+    SQLite store race on its schema: one fails with a foreign-key error)."""
+    from mlflow.tracking import MlflowClient
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    if client.get_experiment_by_name("quality") is None:
+        client.create_experiment("quality")
 
 
 def mlflow_run(workdir: Path, out: Path):
