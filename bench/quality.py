@@ -215,10 +215,10 @@ def create_store(workdir: Path) -> None:
     SQLite store race on its schema: one fails with a foreign-key error)."""
     from mlflow.tracking import MlflowClient
 
+    from sparsedist.tracking import experiment_id
+
     workdir.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-    if client.get_experiment_by_name("quality") is None:
-        client.create_experiment("quality")
+    experiment_id(MlflowClient(f"sqlite:///{workdir}/mlflow.db"), "quality")
 
 
 def mlflow_run(workdir: Path, out: Path):

@@ -30,10 +30,14 @@ def corpus() -> Path:
     return CORPUS
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a `sparsedist` process the tests start: this checkout, one CPU thread."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
 def run(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m <args>` in `cwd` with one CPU thread per process; fail with its output if it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=child_env(), capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}"
     return done

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
 import shlex
 import subprocess
@@ -19,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import sparsedist.data.corpus as corpus_module
-from conftest import MICRO, REPO
+from conftest import MICRO, child_env
 from sparsedist.cli import main
 from sparsedist.config import load_recipe
 from sparsedist.config.schema import DataConfig, DataPart
@@ -185,8 +184,7 @@ for i in range(4):
 
 
 def _python(*args: str, **options) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen([sys.executable, *args], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **options)
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import MICRO, REPO, metric_history, micro_overrides, run, train
+from conftest import MICRO, child_env, metric_history, micro_overrides, run, train
 
 
 def test_fsdp2_losses_equal_the_single_process_run(corpus, tmp_path):
@@ -65,7 +65,7 @@ def test_killed_run_resumes_and_matches_the_uninterrupted_run(corpus, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sparsedist", "launch", str(MICRO), "--nproc", "2", "parallel.backend=fsdp2",
            *micro_overrides(corpus, out, *steps)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env()
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

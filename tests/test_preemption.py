@@ -13,7 +13,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from conftest import MICRO, REPO, metric_history, micro_overrides, train
+from conftest import MICRO, child_env, metric_history, micro_overrides, train
 from sparsedist.train.preemption import Preemption
 
 STEPS = ["train.steps=20", "checkpoint.interval=1000", "eval.interval=1000", "train.micro_batch=2"]
@@ -51,7 +51,7 @@ def test_sigusr1_stops_a_2_rank_run_with_a_checkpoint_and_the_resumed_run_matche
     out, log = tmp_path / "preempted", tmp_path / "preempted.log"
     command = [sys.executable, "-m", "sparsedist", "launch", str(MICRO), "--nproc", "2", "parallel.backend=fsdp2",
                *micro_overrides(corpus, out, *STEPS)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env()
     with open(log, "w") as stderr:
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 300

@@ -7,7 +7,6 @@ torchrun restarts the group itself (`--max-restarts`); the DeepSpeed launcher is
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import MICRO, REPO, checkpoint_model, micro_overrides, run
+from conftest import MICRO, checkpoint_model, child_env, micro_overrides, run
 
 STEPS = ["train.steps=16", "checkpoint.interval=4", "checkpoint.keep=10", "eval.interval=1000",
          "train.micro_batch=2"]
@@ -53,7 +52,7 @@ def test_a_killed_rank_restarts_the_group_and_the_run_ends_as_if_uninterrupted(c
     run(tmp_path, *launch_command(straight, corpus, options, overrides))
 
     out, log = tmp_path / "killed", tmp_path / "killed.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env()
     with open(log, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", *launch_command(out, corpus, [*options, "--max-restarts", "1"],
                                                                        overrides)],

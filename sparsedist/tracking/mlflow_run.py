@@ -58,6 +58,12 @@ def hardware() -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
+def experiment_id(client, name: str) -> str:
+    """The id of the store's experiment `name`, created when it is not there."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
 class Tracker:
     """One MLflow run, from rank 0 (built with `active=False` every call does nothing).
 
@@ -142,10 +148,8 @@ class Tracker:
 
         kind = op["op"]
         if kind == "create":
-            experiment = self.client.get_experiment_by_name(self.cfg.experiment)
-            experiment_id = (experiment.experiment_id if experiment
-                             else self.client.create_experiment(self.cfg.experiment))
-            self.run_id = self.client.create_run(experiment_id, run_name=op["run_name"], tags=op["tags"]).info.run_id
+            experiment = experiment_id(self.client, self.cfg.experiment)
+            self.run_id = self.client.create_run(experiment, run_name=op["run_name"], tags=op["tags"]).info.run_id
             items = [Param(k, v) for k, v in op["params"].items()]
             for i in range(0, len(items), _BATCH):
                 self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
